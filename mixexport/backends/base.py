@@ -1,0 +1,49 @@
+"""The backend protocol (after Polygraphy's runners): every backend has a ``name``, says why it is
+unavailable here (or None), and prepares a :class:`Session` for one segment of a bundle. Heavy
+imports (TensorRT, torch CUDA) happen inside ``prepare``/``compile``, never at module import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+
+from mixexport.bundle import Manifest, SegmentEntry
+
+
+class Session(Protocol):
+    """A loaded segment: ``run`` maps input arrays by name to output arrays by name."""
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def __enter__(self) -> Session: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def unavailable_reason(self) -> str | None:
+        """None when this backend can run here; otherwise a one-line reason with the fix."""
+
+    def prepare(self, manifest: Manifest, segment: SegmentEntry, workdir: Path | None = None) -> Session:
+        """Load ``segment`` of the bundle for inference."""
+
+    def describe(self) -> dict[str, Any]:
+        """Versions and options, for reports."""
+
+
+class SessionBase:
+    """Context-manager plumbing shared by sessions."""
+
+    def __enter__(self) -> SessionBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,317 @@
+"""The bundle: the in-memory state passes transform (:class:`Bundle`) and the directory ``build``
+writes (``manifest.json`` is its single source of truth, read back as :class:`Manifest`).
+
+Directory layout::
+
+    manifest.json          schema_version, versions, model, segments, caches, passes, files, parity
+    segments/<name>.onnx   (+ .onnx.data past 2 GB)
+    engines/<name>.<backend>.<arch>.plan|.pt2
+    reports/parity.json, latency.json, report.md, latency.png
+    inputs/sample.npz      the exact request used for the build-time checks
+
+A bundle is written into a temporary sibling directory and renamed into place only when complete,
+so a server never sees a half-written bundle; ``--force`` swaps the old one out after that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import onnx
+
+from mixexport import __version__
+from mixexport.errors import BadInputError, GateFailedError
+from mixexport.source import Source, sha256_file
+from mixexport.specs import TensorSpec
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+STAGES = ("program", "onnx")
+SEGMENT_ROLES = ("full", "user", "item")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One graph of the bundle; ``role`` says how the runtime feeds it (full rows, users, items)."""
+
+    name: str
+    role: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    program: Any = None          # torch.export.ExportedProgram (program stage; kept for engine targets)
+    onnx: onnx.ModelProto | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "role": self.role, "inputs": [s.to_json() for s in self.inputs],
+                "outputs": [s.to_json() for s in self.outputs]}
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A per-user cache the item segment reads (e.g. the K/V of the behaviour sequence)."""
+
+    name: str
+    producer: str                 # segment that computes it
+    tensors: tuple[TensorSpec, ...]
+    seq_axis: int
+    bytes_per_position: int
+    appendable: bool
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tensors"] = [t.to_json() for t in self.tensors]
+        return d
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    name: str
+    options: dict[str, Any]
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """What passes read and return. Frozen: a pass builds a new one with :meth:`replace`."""
+
+    source: Source
+    stage: str
+    segments: tuple[Segment, ...]
+    caches: tuple[CacheSpec, ...] = ()
+    passes: tuple[PassRecord, ...] = ()
+    precision: str = "fp32"
+
+    def replace(self, **changes: Any) -> Bundle:
+        return dataclasses.replace(self, **changes)
+
+    def segment(self, name: str) -> Segment:
+        for s in self.segments:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def library_versions() -> dict[str, str | None]:
+    import numpy
+    import onnxruntime
+    import torch
+
+    return {"mixexport": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
+            "tensorrt": None, "cuda": torch.version.cuda, "gpu": None}
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+class BundleWriter:
+    """Collects files in a temp dir next to ``out``; :meth:`commit` writes the manifest (with every
+    file's sha256) and renames the directory into place. Leaving the ``with`` block without a
+    commit (an error, Ctrl-C) removes the temp dir and leaves ``out`` untouched."""
+
+    def __init__(self, out: Path, force: bool) -> None:
+        self.out = Path(out)
+        self.force = force
+        check_out_dir(self.out, force)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.committed = False
+
+    def __enter__(self) -> BundleWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def path(self, rel: str) -> Path:
+        p = self.tmp / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def write_json(self, rel: str, data: Any) -> Path:
+        p = self.path(rel)
+        p.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+        return p
+
+    def commit(self, manifest: dict[str, Any]) -> Path:
+        manifest = dict(manifest)
+        manifest["files"] = {rel: sha256_file(self.tmp / rel) for rel in self._files()}
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+        old = None
+        if self.out.exists():
+            if not self.force:
+                raise BadInputError(f"{self.out} appeared while building", "use --force to replace it")
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{int(time.time())}"
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        self.committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out
+
+    def _files(self) -> Iterator[str]:
+        for p in sorted(self.tmp.rglob("*")):
+            if p.is_file() and p.name != MANIFEST:
+                yield p.relative_to(self.tmp).as_posix()
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse an existing ``out`` without ``force`` and an unwritable parent, before any work."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise BadInputError(f"output directory {out} already exists", "pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"output path {out} exists and is not a directory", "choose another --out")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise BadInputError(f"cannot write {out}: parent directory {parent} does not exist",
+                            "create it first or choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"cannot write {out}: parent directory {parent} is not writable",
+                            "choose a writable --out")
+
+
+def _json_default(o: Any) -> Any:
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)  # type: ignore[arg-type]
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+@dataclass(frozen=True)
+class SegmentEntry:
+    name: str
+    role: str
+    file: str
+    backend: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    engines: dict[str, str] = field(default_factory=dict)   # backend -> file
+    session_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    data: dict[str, Any]
+    segments: tuple[SegmentEntry, ...]
+
+    @property
+    def source(self) -> dict[str, Any]:
+        return self.data["model"]["source"]
+
+    @property
+    def target(self) -> str:
+        return self.data["target"]
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec.from_json(s) for s in self.data["model"]["inputs"])
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec.from_json(s) for s in self.data["model"]["outputs"])
+
+    def file(self, rel: str) -> Path:
+        return self.root / rel
+
+
+_REQUIRED = {"schema_version": int, "versions": dict, "model": dict, "target": str, "segments": list,
+             "caches": list, "passes": list, "files": dict}
+_REQUIRED_MODEL = {"source": dict, "inputs": list, "outputs": list}
+_REQUIRED_SEGMENT = {"name": str, "role": str, "file": str, "backend": str, "inputs": list, "outputs": list}
+
+
+def read_manifest(bundle_dir: str | Path) -> Manifest:
+    """Read and validate ``manifest.json``; every problem is one :class:`BadInputError` line."""
+    root = Path(bundle_dir)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BadInputError(f"{root} is not a bundle directory", "pass the --out of `mixexport build`")
+    if not path.is_file():
+        raise BadInputError(f"{root} has no {MANIFEST}", "pass the --out of `mixexport build`")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path} is not valid JSON ({e})", "rebuild the bundle") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: expected a JSON object, found {type(data).__name__}", "rebuild the bundle")
+    version = data.get("schema_version")
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise BadInputError(f"{path}: bundle schema version {version} is newer than this mixexport "
+                            f"supports ({SCHEMA_VERSION})", "upgrade mixexport to read this bundle")
+    _check_keys(path, "manifest", data, _REQUIRED)
+    if version != SCHEMA_VERSION:
+        raise BadInputError(f"{path}: unsupported bundle schema version {version!r} (expected "
+                            f"{SCHEMA_VERSION})", "rebuild the bundle with this mixexport")
+    _check_keys(path, "model", data["model"], _REQUIRED_MODEL)
+    segments = []
+    for i, seg in enumerate(data["segments"]):
+        _check_keys(path, f"segments[{i}]", seg, _REQUIRED_SEGMENT)
+        if seg["role"] not in SEGMENT_ROLES:
+            raise BadInputError(f"{path}: segments[{i}].role is {seg['role']!r}, expected one of "
+                                f"{SEGMENT_ROLES}", "rebuild the bundle")
+        try:
+            ins = tuple(TensorSpec.from_json(s) for s in seg["inputs"])
+            outs = tuple(TensorSpec.from_json(s) for s in seg["outputs"])
+        except (KeyError, TypeError) as e:
+            raise BadInputError(f"{path}: segments[{i}] has a malformed tensor spec ({e})",
+                                "rebuild the bundle") from None
+        segments.append(SegmentEntry(name=seg["name"], role=seg["role"], file=seg["file"],
+                                     backend=seg["backend"], inputs=ins, outputs=outs,
+                                     engines=dict(seg.get("engines") or {}),
+                                     session_options=dict(seg.get("session_options") or {})))
+    if not segments:
+        raise BadInputError(f"{path}: the bundle has no segments", "rebuild the bundle")
+    return Manifest(root=root, data=data, segments=tuple(segments))
+
+
+def _check_keys(path: Path, where: str, obj: Any, required: dict[str, type]) -> None:
+    if not isinstance(obj, dict):
+        raise BadInputError(f"{path}: {where} must be an object, found {type(obj).__name__}",
+                            "rebuild the bundle")
+    for key, typ in required.items():
+        if key not in obj:
+            raise BadInputError(f"{path}: {where} is missing {key!r}", "rebuild the bundle")
+        if not isinstance(obj[key], typ):
+            raise BadInputError(f"{path}: {where}.{key} must be {typ.__name__}, found "
+                                f"{type(obj[key]).__name__}", "rebuild the bundle")
+
+
+def check_integrity(manifest: Manifest) -> None:
+    """Every file listed in the manifest exists with its sha256, and nothing unlisted is referenced.
+
+    Raises :class:`GateFailedError` naming every missing or changed file.
+    """
+    problems = []
+    for rel, digest in manifest.data["files"].items():
+        p = manifest.root / rel
+        if not p.is_file():
+            problems.append(f"missing {rel}")
+        elif sha256_file(p) != digest:
+            problems.append(f"changed {rel}")
+    listed = set(manifest.data["files"])
+    for seg in manifest.segments:
+        for rel in [seg.file, *seg.engines.values()]:
+            if rel not in listed:
+                problems.append(f"unlisted {rel}")
+    if problems:
+        raise GateFailedError(f"bundle integrity check failed: {', '.join(problems)}",
+                              "the bundle was modified after build; rebuild it")

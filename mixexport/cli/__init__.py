@@ -1,0 +1,60 @@
+"""The ``mixexport`` command line. Commands are registered from one explicit list; each parses
+its options, calls one library function and prints a summary (``--json`` for machines).
+
+Exit codes: 0 ok · 1 check failed · 2 usage or bad input · 3 environment unavailable ·
+4 internal error (a bug: the traceback is printed).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import click
+
+from mixexport import __version__
+from mixexport.cli import bench, build, inspect, passes, verify
+from mixexport.errors import MixexportError
+
+COMMANDS = (build.command, verify.command, bench.command, inspect.command, passes.command)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mixexport")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (repeatable).")
+@click.option("-q", "--quiet", is_flag=True, help="Only results and errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Turn trained mixer-family ranking models into verified, fast, servable bundles."""
+    ctx.obj = {"verbosity": -1 if quiet else verbose}
+    logging.basicConfig(level=logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+for _command in COMMANDS:
+    cli.add_command(_command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="mixexport", standalone_mode=False)
+    except MixexportError as e:
+        click.echo(f"error: {e.message}", err=True)
+        if e.hint:
+            click.echo(f"hint: {e.hint}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("error: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except Exception:  # noqa: BLE001 - anything else is a bug: show everything
+        traceback.print_exc()
+        click.echo("error: internal error in mixexport (a bug). Please report it with the traceback above.",
+                   err=True)
+        sys.exit(4)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,43 @@
+"""``mixexport bench``: latency of a bundle vs the eager model (and peers) in one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from mixexport.cli.options import (backend_option, checkpoint_option, device_option, emit_json, json_option,
+                                   parse_csv_ints, progress)
+
+
+@click.command("bench")
+@click.argument("bundle", type=click.Path())
+@checkpoint_option
+@backend_option
+@device_option
+@click.option("--candidates", default="1,16,64,256,1024", show_default=True, help="N values (1 user x N).")
+@click.option("--users", default=1, show_default=True, type=click.IntRange(min=1), help="Users per request.")
+@click.option("--budget", default=2.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="Seconds of timing per N (at least 5 rounds).")
+@click.option("--peers", default="", metavar="P1,P2", help="Also time: compile (torch.compile), aoti, ort-default.")
+@click.option("--save", type=click.Path(dir_okay=False), default=None, help="Also write the JSON result here.")
+@json_option
+@click.pass_context
+def command(ctx: click.Context, bundle: str, checkpoint: str | None, backend: str | None, device: str,
+            candidates: str, users: int, budget: float, peers: str, save: str | None, as_json: bool) -> int:
+    """Time BUNDLE and the eager model for 1 user x N candidates, N in --candidates."""
+    from mixexport.verification import bench_bundle
+    from mixexport.verification.report import latency_markdown
+
+    with progress(ctx) as say:
+        report = bench_bundle(bundle, checkpoint=checkpoint, backend=backend, device=device,
+                              candidates=parse_csv_ints(candidates, "--candidates"), users=users,
+                              budget_s=budget, peers=tuple(p for p in peers.split(",") if p), progress=say)
+    if save:
+        Path(save).write_text(json.dumps(report, indent=2) + "\n")
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo("\n".join(latency_markdown(report)))
+    return 0

@@ -1,0 +1,65 @@
+"""``mixexport inspect``: what a checkpoint/.pt2 or a bundle holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mixexport.cli.options import emit_json, json_option
+from mixexport.specs import describe
+
+
+def inspect_source(path: str) -> dict[str, Any]:
+    from mixexport.pipeline import preconditions
+    from mixexport.source import load_source
+
+    source = load_source(path)
+    applicable = preconditions(source)
+    return {"kind": source.kind, "path": str(source.path), "sha256": source.sha256, "family": source.family,
+            "config": source.config, "params": source.params, "metadata": source.metadata,
+            "inputs": [s.to_json() for s in source.inputs], "outputs": [s.to_json() for s in source.outputs],
+            "default_passes": list(source.default_passes), "passes": applicable, "notes": list(source.notes)}
+
+
+def inspect_bundle(path: str) -> dict[str, Any]:
+    from mixexport.bundle import read_manifest
+
+    m = read_manifest(path)
+    return {"kind": "bundle", "path": str(Path(path)), **m.data}
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path())
+@json_option
+def command(path: str, as_json: bool) -> int:
+    """Show what PATH (a checkpoint, a .pt2 or a bundle directory) holds, and which passes apply."""
+    info = inspect_bundle(path) if Path(path).is_dir() else inspect_source(path)
+    if as_json:
+        emit_json(info)
+        return 0
+    from mixexport.specs import TensorSpec
+
+    if info["kind"] == "bundle":
+        click.echo(f"bundle {info['path']}: {info['model'].get('family') or 'program'}, target {info['target']}, "
+                   f"precision {info.get('precision')}, parity {info.get('parity', {}).get('status', '?')}")
+        for seg in info["segments"]:
+            click.echo(f"  segment {seg['name']} ({seg['role']}, {seg['backend']}): {seg['file']}")
+            for s in seg["inputs"]:
+                click.echo(f"    in  {describe(TensorSpec.from_json(s))}")
+            for s in seg["outputs"]:
+                click.echo(f"    out {describe(TensorSpec.from_json(s))}")
+        click.echo(f"  passes: {', '.join(p['name'] for p in info['passes']) or 'none'}; "
+                   f"{len(info['files'])} files with sha256")
+        return 0
+    click.echo(f"{info['kind']} {info['path']}: family {info['family'] or '(own program)'}, "
+               f"{info['params']:,} parameters")
+    for s in info["inputs"] + info["outputs"]:
+        click.echo(f"  {describe(TensorSpec.from_json(s))}")
+    click.echo(f"  default passes: {', '.join(info['default_passes']) or 'none'}")
+    for name, why in info["passes"].items():
+        click.echo(f"  {name}: {'applies' if why is None else 'does not apply: ' + why}")
+    for note in info["notes"]:
+        click.echo(f"  note: {note}")
+    return 0

@@ -1,0 +1,49 @@
+"""Errors a user can act on.
+
+Every subclass of :class:`MixexportError` is printed by the CLI as ``error: …`` and ``hint: …``
+lines with no traceback, and exits with the class's ``exit_code``:
+
+* 1 — a check failed (parity gate, integrity, latency gate)
+* 2 — usage or bad input (checkpoint, options, a pass that does not apply)
+* 3 — environment unavailable (no TensorRT, no GPU, missing optional package or data)
+
+Any other exception is a bug in mixexport: the CLI prints its traceback and asks for a report.
+"""
+
+from __future__ import annotations
+
+
+class MixexportError(Exception):
+    """Base class: a message saying what was expected and what was found, and a hint."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if self.hint is None else f"{self.message} (hint: {self.hint})"
+
+
+class BadInputError(MixexportError):
+    """The user's input (checkpoint, bundle, option, request) is not what mixexport expects."""
+
+    exit_code = 2
+
+
+class PreconditionError(BadInputError):
+    """A pass does not apply to this model; the message names what was expected and found."""
+
+
+class GateFailedError(MixexportError):
+    """A verification gate (parity, integrity) failed."""
+
+    exit_code = 1
+
+
+class EnvironmentUnavailableError(MixexportError):
+    """A backend, device, optional package or dataset is not available here."""
+
+    exit_code = 3

@@ -1,0 +1,325 @@
+"""The build pipeline: load → torch.export (dynamic batch) → program passes → ONNX per segment →
+ONNX passes → backend artifacts → verify + bench on the finished directory → atomic commit.
+
+The default pass order is the tuple :data:`ORDER`; a family's ``DEFAULT_PASSES`` picks which of them
+run when ``--passes`` is not given. After every stage the *stage ledger* records the error of
+the bundle-so-far against the eager model on the sample request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mixexport.bundle import SCHEMA_VERSION, Bundle, BundleWriter, PassRecord, Segment, library_versions
+from mixexport.errors import BadInputError, GateFailedError, MixexportError
+from mixexport.export import EXTERNAL_DATA_THRESHOLD, op_histogram, save_onnx, to_onnx, weight_bytes
+from mixexport.passes import PassInfo, PassResult
+from mixexport.runtime import Runtime
+from mixexport.source import Source, export_program, load_source
+from mixexport.specs import Request
+from mixexport.verification.compare import compare_outputs, resolve_tolerances
+from mixexport.verification.latency import DEFAULT_CANDIDATES
+
+log = logging.getLogger(__name__)
+
+#: Every pass, in the order the pipeline runs them (program stage first, then ONNX stage).
+ORDER: tuple[PassInfo, ...] = ()
+#: --target → the backend that runs the bundle's segments.
+TARGETS = {"onnx": "onnxruntime"}
+SAMPLE_USERS, SAMPLE_CANDIDATES = 2, 16
+Progress = Callable[[str], None]
+
+
+def pass_by_name(name: str) -> PassInfo:
+    for p in ORDER:
+        if p.name == name:
+            return p
+    known = ", ".join(p.name for p in ORDER) or "(none yet)"
+    raise BadInputError(f"unknown pass {name!r}; known passes: {known}", "see `mixexport passes`")
+
+
+def parse_pass_options(specs: tuple[str, ...], passes: list[PassInfo]) -> dict[str, Any]:
+    """``--option pass-name.field=value`` → an options dataclass per pass (defaults elsewhere)."""
+    values: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        key, eq, value = spec.partition("=")
+        pname, dot, fname = key.partition(".")
+        if not (eq and dot and pname and fname):
+            raise BadInputError(f"--option {spec!r}: expected PASS.FIELD=VALUE", "e.g. --option quantize-w8a16.granularity=per-token")
+        values.setdefault(pname, {})[fname] = value
+    out = {}
+    for p in passes:
+        given = values.pop(p.name, {})
+        fields = {f.name: f for f in dataclasses.fields(p.options)}
+        kwargs = {}
+        for fname, raw in given.items():
+            if fname not in fields:
+                raise BadInputError(f"--option {p.name}.{fname}: unknown option; {p.name} has "
+                                    f"{sorted(fields) or 'no options'}", "see `mixexport passes`")
+            kwargs[fname] = _coerce(p.name, fname, raw, getattr(p.options(), fname))
+        out[p.name] = p.options(**kwargs)
+    if values:
+        raise BadInputError(f"--option given for passes that do not run: {sorted(values)}",
+                            "add them to --passes or drop the option")
+    return out
+
+
+def _coerce(pname: str, fname: str, raw: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if isinstance(default, tuple):
+            return tuple(x for x in raw.split(",") if x)
+        return type(default)(raw)
+    except ValueError:
+        raise BadInputError(f"--option {pname}.{fname}={raw!r}: expected {type(default).__name__}",
+                            f"default is {default!r}") from None
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    out: Path
+    target: str = "onnx"
+    device: str = "cpu"
+    passes: tuple[str, ...] | None = None      # None: the family's defaults
+    pass_options: tuple[str, ...] = ()
+    force: bool = False
+    roles: dict[str, str] = field(default_factory=dict)
+    bench: bool = True
+    bench_candidates: tuple[int, ...] = DEFAULT_CANDIDATES
+    bench_budget_s: float = 0.5
+    metrics: bool = True
+    data: Path | None = None
+    atol: dict[str, float] = field(default_factory=dict)
+    rtol: dict[str, float] = field(default_factory=dict)
+    keep_failed: bool = False
+    dump_after: str | None = None
+    external_threshold: int = EXTERNAL_DATA_THRESHOLD
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out: Path
+    manifest: dict[str, Any]
+    parity: dict[str, Any]
+    latency: dict[str, Any] | None
+    seconds: float
+
+
+def select_passes(source: Source, names: tuple[str, ...] | None) -> list[PassInfo]:
+    chosen = [pass_by_name(n) for n in (source.default_passes if names is None else names)]
+    dup = sorted({p.name for p in chosen if chosen.count(p) > 1})
+    if dup:
+        raise BadInputError(f"passes listed twice: {dup}", "list each pass once")
+    return sorted(chosen, key=ORDER.index)  # program stage before ONNX stage, in pipeline order
+
+
+def run_pass(info: PassInfo, bundle: Bundle, options: Any, done: list[str]) -> PassResult:
+    """Check the precondition, run, validate; a failure names the pass and the ones before it."""
+    after = f" (after {', '.join(done)})" if done else ""
+    if bundle.stage != info.stage:
+        raise BadInputError(f"pass {info.name} works on the {info.stage} stage, the bundle is at "
+                            f"{bundle.stage}{after}", "reorder --passes")
+    if info.requires is not None:
+        info.requires(bundle)
+    try:
+        result = info.run(bundle, options)
+    except MixexportError:
+        raise
+    except Exception as e:
+        raise RuntimeError(f"pass {info.name} failed{after}: {e}") from e
+    if not isinstance(result, PassResult) or result.bundle.stage != info.stage:
+        raise RuntimeError(f"pass {info.name} returned an invalid result{after}")
+    return result
+
+
+def _ledger_entry(stage: str, bundle: Bundle, request: Request, expected: dict[str, np.ndarray],
+                  tolerances: Any) -> dict[str, Any]:
+    with stage_runtime(bundle) as rt:
+        res = compare_outputs(rt.score(request), expected, *tolerances)
+    return {"stage": stage, "outputs": [r.to_json() for r in res]}
+
+
+def stage_runtime(bundle: Bundle, trace: dict[str, dict[str, np.ndarray]] | None = None) -> Runtime:
+    """A runtime over the in-memory segments: torch for programs, ONNX Runtime for ONNX."""
+    from mixexport.backends.eager import ProgramSession
+    from mixexport.backends.onnxruntime import OnnxRuntimeBackend
+    from mixexport.bundle import SegmentEntry
+
+    sessions: dict[str, Any] = {}
+    entries = []
+    for seg in bundle.segments:
+        names = [s.name for s in seg.outputs]
+        if bundle.stage == "program":
+            sessions[seg.name] = ProgramSession(seg.program, names)
+        else:
+            sessions[seg.name] = OnnxRuntimeBackend().open_bytes(seg.onnx.SerializeToString())
+        entries.append(SegmentEntry(seg.name, seg.role, "", "memory", seg.inputs, seg.outputs))
+    rt = Runtime(bundle.source.inputs, bundle.source.outputs, tuple(entries), sessions)
+    rt.trace = trace
+    return rt
+
+
+def to_onnx_stage(bundle: Bundle, request: Request) -> Bundle:
+    """Export every program segment to ONNX, tracing with the feeds each sees for ``request``."""
+    feeds: dict[str, dict[str, np.ndarray]] = {}
+    with stage_runtime(bundle, trace=feeds) as rt:
+        rt.score(request)
+    segments = tuple(dataclasses.replace(s, onnx=to_onnx(s.program, s.inputs, s.outputs, feeds[s.name]))
+                     for s in bundle.segments)
+    return bundle.replace(stage="onnx", segments=segments)
+
+
+def initial_bundle(source: Source) -> Bundle:
+    """The program-stage bundle every build starts from: one full segment, dynamic batch."""
+    return Bundle(source=source, stage="program",
+                  segments=(Segment("model", "full", source.inputs, source.outputs, program=export_program(source)),))
+
+
+def preconditions(source: Source) -> dict[str, str | None]:
+    """For every pass: None if it applies to ``source``, else the precondition's message."""
+    from mixexport.errors import PreconditionError
+
+    out: dict[str, str | None] = {}
+    stages: dict[str, Bundle] = {}
+    for info in ORDER:
+        if info.requires is None:
+            out[info.name] = None
+            continue
+        if info.stage not in stages:
+            b = stages.get("program") or initial_bundle(source)
+            stages["program"] = b
+            if info.stage == "onnx":
+                stages["onnx"] = to_onnx_stage(b, source.example_request(SAMPLE_USERS, SAMPLE_CANDIDATES))
+        try:
+            info.requires(stages[info.stage])
+            out[info.name] = None
+        except PreconditionError as e:
+            out[info.name] = e.message
+    return out
+
+
+def dump_bundle(bundle: Bundle, path: Path, say: Progress) -> None:
+    """``--dump-after``: the intermediate segments (``.pt2`` programs or ``.onnx``) for inspection."""
+    import torch
+
+    path.mkdir(parents=True, exist_ok=True)
+    for seg in bundle.segments:
+        if bundle.stage == "program":
+            torch.export.save(seg.program, path / f"{seg.name}.pt2")
+        else:
+            save_onnx(seg.onnx, path / f"{seg.name}.onnx")
+    say(f"dumped the {bundle.stage}-stage segments to {path}")
+
+
+def build(checkpoint: str | Path, options: BuildOptions, progress: Progress | None = None) -> BuildResult:
+    """Build a bundle at ``options.out``; nothing is left there unless the build succeeds."""
+    from mixexport.backends import get_backend
+    from mixexport.verification.run import bench_bundle, verify_bundle
+    from mixexport.verification.report import plot_latency, write_markdown
+
+    say = progress or (lambda _msg: None)
+    t0 = time.perf_counter()
+    if options.target not in TARGETS:
+        raise BadInputError(f"unknown --target {options.target!r}; known: {', '.join(TARGETS)}", "e.g. --target onnx")
+    backend = get_backend(TARGETS[options.target], options.device)
+    from mixexport.bundle import check_out_dir
+
+    check_out_dir(Path(options.out), options.force)
+    say("loading model")
+    source = load_source(checkpoint, options.roles)
+    passes = select_passes(source, options.passes)
+    if options.dump_after not in (None, "export", *(p.name for p in passes)):
+        raise BadInputError(f"--dump-after {options.dump_after!r}: not a pass of this build",
+                            f"choose one of {['export', *(p.name for p in passes)]}")
+    pass_options = parse_pass_options(options.pass_options, passes)
+    request = source.example_request(SAMPLE_USERS, SAMPLE_CANDIDATES, seed=0)
+    expected = Runtime.reference(source).score(request)
+    tolerances = resolve_tolerances([s.name for s in source.outputs], "fp32", options.atol, options.rtol)
+
+    say("torch.export (dynamic batch)")
+    bundle = initial_bundle(source)
+    ledger = [_ledger_entry("torch.export", bundle, request, expected, tolerances)]
+    done: list[str] = []
+
+    def export_now(b: Bundle) -> Bundle:
+        say("ONNX export (opset 21)")
+        b = to_onnx_stage(b, request)
+        ledger.append(_ledger_entry("onnx export", b, request, expected, tolerances))
+        if options.dump_after == "export":
+            dump_bundle(b, Path(f"{options.out}.after-export"), say)
+        return b
+
+    for info in passes:
+        if info.stage == "onnx" and bundle.stage == "program":
+            bundle = export_now(bundle)
+        say(f"pass {info.name}")
+        result = run_pass(info, bundle, pass_options[info.name], done)
+        bundle = result.bundle.replace(passes=bundle.passes + (PassRecord(
+            info.name, dataclasses.asdict(pass_options[info.name]), result.report),))
+        done.append(info.name)
+        ledger.append(_ledger_entry(f"pass {info.name}", bundle, request, expected, tolerances))
+        if options.dump_after == info.name:
+            dump_bundle(bundle, Path(f"{options.out}.after-{info.name}"), say)
+    if bundle.stage == "program":
+        bundle = export_now(bundle)
+
+    with BundleWriter(Path(options.out), options.force) as writer:
+        say("writing bundle")
+        seg_json = []
+        for seg in bundle.segments:
+            files = save_onnx(seg.onnx, writer.path(f"segments/{seg.name}.onnx"), options.external_threshold)
+            seg_json.append({**seg.to_json(), "file": f"segments/{seg.name}.onnx",
+                             "data_files": [f"segments/{f.name}" for f in files[1:]],
+                             "backend": backend.name, "engines": {},
+                             "session_options": backend.session_options(),
+                             "ops": op_histogram(seg.onnx), "weight_bytes": weight_bytes(seg.onnx)})
+        np.savez(writer.path("inputs/sample.npz"), **request.to_npz_dict())
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": library_versions(),
+            "model": {"family": source.family, "config": source.config, "params": source.params,
+                      "source": source.info(), "roles": options.roles or None,
+                      "inputs": [s.to_json() for s in source.inputs],
+                      "outputs": [s.to_json() for s in source.outputs]},
+            "target": options.target, "device": options.device, "precision": bundle.precision,
+            "segments": seg_json, "caches": [c.to_json() for c in bundle.caches],
+            "passes": [dataclasses.asdict(p) for p in bundle.passes],
+            "notes": list(source.notes), "files": {},
+        }
+        writer.write_json("manifest.json", manifest)
+        say("verifying parity")
+        parity = verify_bundle(writer.tmp, checkpoint=source.path, data=options.data, metrics=options.metrics,
+                               atol=options.atol, rtol=options.rtol, integrity=False, progress=say,
+                               device=options.device)
+        parity["ledger"] = ledger
+        latency = None
+        if options.bench and parity["status"] == "PASS":
+            say("measuring latency")
+            latency = bench_bundle(writer.tmp, checkpoint=source.path, candidates=options.bench_candidates,
+                                   budget_s=options.bench_budget_s, progress=say, device=options.device)
+        writer.write_json("reports/parity.json", parity)
+        if latency:
+            writer.write_json("reports/latency.json", latency)
+            plot_latency(latency, writer.path("reports/latency.png"))
+        write_markdown(writer.path("reports/report.md"), f"mixexport bundle: {source.family or source.path.name}",
+                       parity, latency, [f"Target `{options.target}`, passes: {done or 'none'}.", ""])
+        manifest["parity"] = {"status": parity["status"], "max_rel": parity["max_rel"],
+                              "delta_auc": (parity["metrics"].get("auc") or {}).get("delta"),
+                              "metrics": parity["metrics"].get("status")}
+        if parity["status"] != "PASS" and not options.keep_failed:
+            raise GateFailedError("parity failed; no bundle written:\n  " + "\n  ".join(parity["failures"]),
+                                  "see the stage ledger with --keep-failed, or loosen --atol/--rtol per output")
+        out = writer.commit(manifest)
+    return BuildResult(out=out, manifest=manifest, parity=parity, latency=latency,
+                       seconds=time.perf_counter() - t0)

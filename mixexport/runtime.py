@@ -1,0 +1,208 @@
+"""Run a bundle for requests: what verify, bench and a Python server use.
+
+A request is U users × N candidates (:class:`~mixexport.specs.Request`). The runtime checks the
+request against the manifest's input specs (names, dtypes, shapes, id ranges, NaN/Inf), then
+runs the bundle's segment DAG:
+
+- a ``full`` segment sees flat rows: the user inputs gathered by ``user_index`` plus the items;
+- a ``user`` segment runs once per (uncached) user and yields user state; an ``item`` segment
+  takes that state (leading dim U), the item inputs and ``user_index`` and broadcasts inside.
+
+User state is kept in a bounded, thread-safe LRU cache keyed by user id (``request.user_ids``)
+*and* a digest of that user's input rows, so a changed profile or sequence is never served stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Hashable, Mapping
+
+import numpy as np
+
+from mixexport.backends.base import Session
+from mixexport.bundle import Manifest, SegmentEntry, read_manifest
+from mixexport.errors import BadInputError
+from mixexport.source import Source
+from mixexport.specs import Request, TensorSpec, check_feeds
+
+DEFAULT_CACHE_BYTES = 256 * 1024**2
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    entries: int = 0
+    bytes: int = 0
+
+
+class UserStateCache:
+    """LRU map user id → {state name: one user's row}, bounded by total bytes. Thread-safe."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[Hashable, tuple[dict[str, np.ndarray], int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = CacheStats()
+
+    def get(self, key: Hashable) -> dict[str, np.ndarray] | None:
+        with self._lock:
+            item = self._data.get(key)
+            if item is None:
+                self.stats.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.stats.hits += 1
+            return item[0]
+
+    def put(self, key: Hashable, value: dict[str, np.ndarray]) -> None:
+        size = sum(v.nbytes for v in value.values())
+        with self._lock:
+            if key in self._data:
+                self.stats.bytes -= self._data.pop(key)[1]
+            if size > self.max_bytes:
+                return
+            self._data[key] = (value, size)
+            self.stats.bytes += size
+            while self.stats.bytes > self.max_bytes:
+                _, (_, old) = self._data.popitem(last=False)
+                self.stats.bytes -= old
+                self.stats.evictions += 1
+            self.stats.entries = len(self._data)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self.stats = CacheStats()
+
+
+class Runtime:
+    """Runs a bundle's segments (or the eager reference) for requests."""
+
+    def __init__(self, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
+                 segments: tuple[SegmentEntry, ...], sessions: Mapping[str, Session],
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, name: str = "bundle") -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.segments = segments
+        self.sessions = dict(sessions)
+        self.name = name
+        self.cache = UserStateCache(cache_bytes)
+        self.trace: dict[str, dict[str, np.ndarray]] | None = None  # set to record each segment's feeds
+        self._user_specs = tuple(s for s in inputs if s.user_side)
+        self._item_specs = tuple(s for s in inputs if not s.user_side)
+        roles = {s.role for s in segments}
+        if roles not in ({"full"}, {"user", "item"}):
+            raise BadInputError(f"unsupported segment layout {sorted(roles)}",
+                                "a bundle has one full segment, or a user and an item segment")
+        self._stack = ExitStack()
+        for session in self.sessions.values():
+            self._stack.enter_context(session)  # type: ignore[arg-type]
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def open(cls, bundle: str | Path | Manifest, backend: str | None = None, device: str = "cpu",
+             cache_bytes: int = DEFAULT_CACHE_BYTES) -> Runtime:
+        """Load every segment of a bundle directory with ``backend`` (default: the manifest's)."""
+        from mixexport.backends import get_backend
+
+        manifest = bundle if isinstance(bundle, Manifest) else read_manifest(bundle)
+        sessions = {}
+        for seg in manifest.segments:
+            be = get_backend(backend or seg.backend, device)
+            sessions[seg.name] = be.prepare(manifest, seg)
+        return cls(manifest.inputs, manifest.outputs, manifest.segments, sessions, cache_bytes,
+                   name=backend or manifest.segments[0].backend)
+
+    @classmethod
+    def reference(cls, source: Source) -> Runtime:
+        """The eager reference as a runtime: the original model on repeated user rows."""
+        from mixexport.backends.eager import EagerBackend
+
+        seg = SegmentEntry(name="reference", role="full", file="", backend="eager",
+                           inputs=source.inputs, outputs=source.outputs)
+        return cls(source.inputs, source.outputs, (seg,),
+                   {"reference": EagerBackend().prepare_reference(source)}, name="eager")
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- scoring --------------------------------------------------------------------------
+    def check(self, request: Request) -> None:
+        """Raise :class:`BadInputError` naming the first input that does not match its spec."""
+        users = check_feeds(self._user_specs, request.user, what="user input").get("batch")
+        candidates = check_feeds(self._item_specs, request.item, what="item input").get("batch")
+        idx = request.user_index
+        if not isinstance(idx, np.ndarray) or idx.dtype != np.int64 or idx.ndim != 1:
+            raise BadInputError("user_index must be an int64 vector [N]",
+                                f"found {getattr(idx, 'dtype', type(idx).__name__)} {getattr(idx, 'shape', '')}")
+        if candidates is not None and idx.shape[0] != candidates:
+            raise BadInputError(f"user_index has {idx.shape[0]} entries, the item inputs have {candidates} rows",
+                                "one user_index entry per candidate")
+        if users is not None and idx.size and (idx.min() < 0 or idx.max() >= users):
+            raise BadInputError(f"user_index values must be in [0, {users}), found {idx.min()}..{idx.max()}",
+                                "user_index[i] is the row of the user inputs candidate i belongs to")
+        if request.user_ids is not None and users is not None and len(request.user_ids) != users:
+            raise BadInputError(f"user_ids has {len(request.user_ids)} entries for {users} users",
+                                "one id per user row, or none")
+
+    def score(self, request: Request, validate: bool = True) -> dict[str, np.ndarray]:
+        """Outputs by name, one row per candidate."""
+        if validate:
+            self.check(request)
+        if self.segments[0].role == "full":
+            return self._run(self.segments[0], request.rows())
+        return self._score_split(request)
+
+    def _run(self, seg: SegmentEntry, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.trace is not None:
+            self.trace[seg.name] = feeds
+        return self.sessions[seg.name].run(feeds)
+
+    def _score_split(self, request: Request) -> dict[str, np.ndarray]:
+        user_seg = next(s for s in self.segments if s.role == "user")
+        item_seg = next(s for s in self.segments if s.role == "item")
+        state = self.user_state(request, user_seg)
+        feeds: dict[str, Any] = {s.name: state[s.name] for s in item_seg.inputs if s.name in state}
+        feeds.update({s.name: request.item[s.name] for s in item_seg.inputs if s.name in request.item})
+        if any(s.name == "user_index" for s in item_seg.inputs):
+            feeds["user_index"] = request.user_index
+        return self._run(item_seg, feeds)
+
+    def user_state(self, request: Request, user_seg: SegmentEntry) -> dict[str, np.ndarray]:
+        """User-segment outputs for the request's users, from the cache where possible."""
+        names = [s.name for s in user_seg.inputs]
+        if request.user_ids is None:
+            return self._run(user_seg, {n: request.user[n] for n in names})
+        keys = [(uid, _digest(request.user, i)) for i, uid in enumerate(request.user_ids)]
+        cached = [self.cache.get(key) for key in keys]
+        missing = [i for i, c in enumerate(cached) if c is None]
+        if missing:
+            rows = np.asarray(missing, dtype=np.int64)
+            fresh = self._run(user_seg, {n: request.user[n][rows] for n in names})
+            for j, i in enumerate(missing):
+                entry = {k: v[j:j + 1].copy() for k, v in fresh.items()}
+                self.cache.put(keys[i], entry)
+                cached[i] = entry
+        names_out = cached[0].keys()  # type: ignore[union-attr]
+        return {k: np.concatenate([c[k] for c in cached]) for k in names_out}  # type: ignore[index]
+
+
+def _digest(user: Mapping[str, np.ndarray], row: int) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(user):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(user[name][row]).tobytes())
+    return h.digest()

@@ -1,0 +1,293 @@
+"""Load what the user gives ``build`` — a mixexport checkpoint or a ``torch.export`` ``.pt2`` — into a
+:class:`Source`: the eager reference module, its input/output specs with roles, and a
+``torch.export`` program with a dynamic batch axis. Every pass after this is model-agnostic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickletools
+import posixpath
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from mixexport.errors import BadInputError
+from mixexport.specs import INPUT_ROLES, Request, TensorSpec, role_from_name
+
+EXAMPLE_BATCH = 5  # odd on purpose: avoids torch.export's 0/1 specialisation and clashes with T or D
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str                        # "checkpoint" | "program"
+    path: Path
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    module: torch.nn.Module          # the eager reference, eval mode
+    family: str | None = None
+    config: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    default_passes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def dataset(self) -> str | None:
+        ds = self.metadata.get("dataset")
+        return ds if isinstance(ds, str) else None
+
+    @property
+    def params(self) -> int:
+        return int(sum(p.numel() for p in self.module.parameters()))
+
+    def example_feeds(self, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Valid random rows (ids inside their vocabularies)."""
+        if self.kind == "checkpoint":
+            return self.module.example_inputs(rows, seed)  # type: ignore[operator]
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for s in self.inputs:
+            shape = tuple(rows if isinstance(d, str) else d for d in s.shape)
+            if s.dtype.startswith("int"):
+                feeds[s.name] = rng.integers(0, s.vocab or 1, size=shape).astype(s.dtype)
+            else:
+                feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
+        return feeds
+
+    def example_request(self, users: int, candidates: int, seed: int = 0) -> Request:
+        """U users × N candidates; user_index interleaves the users (0,1,..,U-1,0,1,..)."""
+        user_rows = self.example_feeds(users, seed)
+        item_rows = self.example_feeds(candidates, seed + 1)
+        return Request(user={s.name: user_rows[s.name] for s in self.inputs if s.user_side},
+                       item={s.name: item_rows[s.name] for s in self.inputs if not s.user_side},
+                       user_index=np.arange(candidates, dtype=np.int64) % users,
+                       user_ids=tuple(range(users)))
+
+    def reference(self, feeds: Mapping[str, np.ndarray], chunk: int = 4096) -> dict[str, np.ndarray]:
+        """Run the eager model on flat rows (in chunks), outputs by name."""
+        n = int(next(iter(feeds.values())).shape[0])
+        parts: list[list[np.ndarray]] = [[] for _ in self.outputs]
+        with torch.inference_mode():
+            for lo in range(0, max(n, 1), chunk):
+                args = {k: torch.from_numpy(np.ascontiguousarray(v[lo:lo + chunk])) for k, v in feeds.items()}
+                out = self.module(**args)
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                for p, o in zip(parts, outs):
+                    p.append(o.detach().numpy())
+        return {s.name: np.concatenate(p) for s, p in zip(self.outputs, parts)}
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": str(self.path.resolve()), "sha256": self.sha256,
+                "family": self.family, "config": self.config, "params": self.params,
+                "metadata": self.metadata}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_source(path: str | Path, roles: Mapping[str, str] | None = None) -> Source:
+    """A checkpoint (``.pt``) or a torch.export program (``.pt2``), told apart by content."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path} does not exist or is not a file",
+                            "pass a mixexport checkpoint (.pt) or a torch.export program (.pt2)")
+    if _is_pt2(path):
+        return _load_program(path, roles or {})
+    from mixexport.models import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    model = ckpt.model
+    if roles:
+        raise BadInputError("--roles applies to .pt2 programs only; reference families declare "
+                            "their roles", "drop --roles")
+    from mixexport.models import family_module
+
+    return Source(kind="checkpoint", path=path, sha256=sha256_file(path), inputs=model.input_specs(),
+                  outputs=model.output_specs(), module=model, family=ckpt.family, config=ckpt.config,
+                  metadata=ckpt.metadata, default_passes=tuple(family_module(ckpt.family).DEFAULT_PASSES))
+
+
+def _is_pt2(path: Path) -> bool:
+    with open(path, "rb") as f:
+        if f.read(4) != ZIP_MAGIC:
+            return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("archive_format") or n.endswith("models/model.json") for n in z.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+# Globals a tensor pickle may name. Anything else in a .pt2 (which torch.export.load would unpickle
+# with weights_only=False) is refused before torch sees it.
+_SAFE_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_tensor_v3"), ("collections", "OrderedDict"), ("torch", "Size"),
+    ("torch", "device"), ("builtins", "set"), ("builtins", "tuple"), ("builtins", "list"),
+    ("builtins", "dict"),
+}
+_SAFE_GLOBAL_PREFIXES = ("torch.",)
+_SAFE_STORAGE = ("Storage",)
+
+
+def _pickled_members(z: zipfile.ZipFile) -> list[str]:
+    """Members torch.export.load would unpickle: *.pkl, sample inputs, and weights/constants whose
+    archive config says ``use_pickle``."""
+    names = z.namelist()
+    out = [n for n in names if n.endswith(".pkl") or "/sample_inputs/" in n]
+    for cfg in (n for n in names if n.endswith("_config.json") and "/data/" in n):
+        try:
+            entries = json.loads(z.read(cfg)).get("config", {})
+        except ValueError:
+            raise BadInputError(f"archive member {cfg} is not valid JSON", "re-export the program") from None
+        for entry in entries.values():
+            if isinstance(entry, dict) and entry.get("use_pickle"):
+                out.append(posixpath.join(posixpath.dirname(cfg), str(entry.get("path_name"))))
+    return out
+
+
+def _check_pickles(path: Path, z: zipfile.ZipFile) -> None:
+    names = set(z.namelist())
+    for name in _pickled_members(z):
+        if name not in names:
+            continue
+        data = z.read(name)
+        if data[:4] == ZIP_MAGIC:  # a nested torch.save archive
+            try:
+                with zipfile.ZipFile(io.BytesIO(data)) as inner:
+                    payloads = [(f"{name}:{n}", inner.read(n)) for n in inner.namelist() if n.endswith(".pkl")]
+            except zipfile.BadZipFile:
+                raise BadInputError(f"{path}: member {name} is a corrupt archive", "re-export the program") from None
+        else:
+            payloads = [(name, data)]
+        for where, blob in payloads:
+            for module, qual in _pickle_globals(blob):
+                ok = (module, qual) in _SAFE_GLOBALS or (
+                    module == "torch" and qual.endswith(_SAFE_STORAGE)) or (
+                    module.startswith(_SAFE_GLOBAL_PREFIXES) and qual.startswith("_rebuild"))
+                if not ok:
+                    raise BadInputError(f"{path}: refused to load: {where} would import "
+                                        f"{module}.{qual} (code, not tensors)",
+                                        "mixexport never unpickles code; re-export the program with "
+                                        "torch.export.save from a trusted model")
+
+
+def _pickle_globals(blob: bytes) -> list[tuple[str, str]]:
+    found, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(blob):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(arg)
+            elif op.name == "GLOBAL":
+                module, _, qual = str(arg).partition(" ")
+                found.append((module, qual))
+            elif op.name == "STACK_GLOBAL":
+                found.append((strings[-2], strings[-1]) if len(strings) >= 2 else ("?", "?"))
+            elif op.name in ("INST", "OBJ"):  # protocol-0 ways to call a class
+                found.append(("?", op.name))
+    except Exception:  # noqa: BLE001 - any malformed pickle is refused below
+        found.append(("?", "malformed pickle"))
+    return found
+
+
+def _load_program(path: Path, roles: Mapping[str, str]) -> Source:
+    try:
+        with zipfile.ZipFile(path) as z:
+            _check_pickles(path, z)
+    except zipfile.BadZipFile:
+        raise BadInputError(f"{path}: not a readable .pt2 archive (truncated or corrupt?)",
+                            "re-export it with torch.export.save") from None
+    try:
+        ep = torch.export.load(path)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a broken archive
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInputError(f"{path}: torch.export.load failed: {first[:200]}",
+                            "re-export it with torch.export.save") from None
+    names = list(ep.graph_signature.user_inputs)
+    resolved = {}
+    unknown = []
+    for name in names:
+        role = roles.get(name) or role_from_name(name)
+        if role not in INPUT_ROLES:
+            unknown.append(name)
+        resolved[name] = role
+    bad_roles = {k: v for k, v in roles.items() if v not in INPUT_ROLES or k not in names}
+    if bad_roles:
+        raise BadInputError(f"--roles {bad_roles}: roles must be one of {INPUT_ROLES} and names must "
+                            f"be program inputs {names}", "e.g. --roles uid=user --roles cand=item")
+    if unknown:
+        raise BadInputError(f"{path}: inputs {unknown} have no role; expected names starting with "
+                            "user_, item_ or seq_",
+                            "rename the forward() arguments, or pass --roles NAME=user|item|sequence")
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    vocab = _embedding_vocab(ep)
+    specs, batch_sym = [], None
+    for name in names:
+        val = placeholders[name].meta["val"]
+        dims: list[int | str] = []
+        for i, d in enumerate(val.shape):
+            if isinstance(d, torch.SymInt):
+                sym = str(d)
+                batch_sym = batch_sym or (sym if i == 0 else None)
+                dims.append("batch" if (i == 0 or sym == batch_sym) else sym)
+            else:
+                dims.append(int(d))
+        specs.append(TensorSpec(name, str(val.dtype).replace("torch.", ""), tuple(dims), resolved[name],
+                                vocab=vocab.get(name)))
+    notes = []
+    if any(s.shape and not isinstance(s.shape[0], str) for s in specs):
+        raise BadInputError(f"{path}: the program's batch axis is static "
+                            f"({[(s.name, s.shape) for s in specs]})",
+                            "export with dynamic_shapes={name: {0: torch.export.Dim('batch')}} for every input")
+    for s in specs:
+        if s.dtype.startswith("int") and s.vocab is None:
+            notes.append(f"int input {s.name}: vocabulary unknown (not read by an embedding); example "
+                         "inputs use id 0; pass --data for real inputs")
+    module = ep.module()
+    outs = list(ep.graph_signature.user_outputs)
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    out_vals = [a.meta.get("val") for a in out_node.args[0]]
+    out_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+    outputs = tuple(TensorSpec(n, str(v.dtype).replace("torch.", "") if v is not None else "float32",
+                               ("batch",) + tuple(int(d) if not isinstance(d, torch.SymInt) else "batch"
+                                                  for d in (v.shape[1:] if v is not None else ())),
+                               "output") for n, v in zip(out_names, out_vals))
+    return Source(kind="program", path=path, sha256=sha256_file(path), inputs=tuple(specs), outputs=outputs,
+                  module=module, metadata={}, notes=tuple(notes))
+
+
+def _embedding_vocab(ep: torch.export.ExportedProgram) -> dict[str, int]:
+    """Vocab sizes of int inputs that index an embedding table directly."""
+    vocab: dict[str, int] = {}
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.aten.embedding.default,):
+            weight, idx = node.args[0], node.args[1]
+            if getattr(idx, "op", None) == "placeholder" and "val" in weight.meta:
+                vocab[idx.name] = min(vocab.get(idx.name, 1 << 62), int(weight.meta["val"].shape[0]))
+    return vocab
+
+
+def export_program(source: Source, rows: int = EXAMPLE_BATCH) -> torch.export.ExportedProgram:
+    """``torch.export`` the reference with one dynamic ``batch`` axis shared by every input."""
+    feeds = {k: torch.from_numpy(v) for k, v in source.example_feeds(rows, seed=1234).items()}
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = {s.name: {0: batch} for s in source.inputs}
+    try:
+        return torch.export.export(source.module, (), kwargs=feeds, dynamic_shapes=dynamic, strict=False)
+    except Exception as e:  # noqa: BLE001 - report torch's reason in one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInputError(f"torch.export of the model failed: {first[:300]}",
+                            "the model must be exportable with a dynamic batch axis") from None

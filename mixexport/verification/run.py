@@ -1,0 +1,148 @@
+"""``verify`` and ``bench`` on a bundle directory (they read only the bundle, plus the original
+checkpoint as the eager reference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from mixexport.bundle import Manifest, check_integrity, read_manifest
+from mixexport.data import MOVIELENS, Split, load_npz_split, movielens_100k, movielens_available
+from mixexport.errors import BadInputError
+from mixexport.runtime import Runtime
+from mixexport.source import Source, load_source
+from mixexport.specs import Request
+from mixexport.verification.compare import compare_outputs, resolve_tolerances
+from mixexport.verification.latency import DEFAULT_CANDIDATES, machine_info, summarize, time_interleaved
+from mixexport.verification.metrics import metric_parity
+
+#: (users, candidates) of the generated requests checked besides the bundle's sample request.
+PARITY_REQUESTS = ((1, 1), (1, 7), (3, 7), (1, 256), (3, 256))
+#: |ΔAUC| gate per precision (RankMixer calls 1e-4 absolute significant).
+AUC_GATE = {"fp32": 1e-4, "fp16": 1e-3, "bf16": 1e-3, "w8a16": 1e-3}
+Progress = Callable[[str], None]
+
+
+def load_reference(manifest: Manifest, checkpoint: str | Path | None = None) -> Source:
+    """The eager reference the bundle was built from (its sha256 must match the manifest's)."""
+    src = manifest.source
+    path = Path(checkpoint) if checkpoint else Path(src["path"])
+    if not path.is_file():
+        raise BadInputError(f"the reference model {path} recorded in the bundle is not there",
+                            "pass --checkpoint PATH (the file the bundle was built from)")
+    source = load_source(path, roles=manifest.data["model"].get("roles") or None)
+    if source.sha256 != src["sha256"]:
+        raise BadInputError(f"{path} is not the model this bundle was built from (sha256 "
+                            f"{source.sha256[:12]}…, bundle expects {src['sha256'][:12]}…)",
+                            "pass the original checkpoint with --checkpoint, or rebuild the bundle")
+    return source
+
+
+def _labelled_split(source: Source, data: str | Path | None) -> tuple[Split | None, str]:
+    if data is not None:
+        return load_npz_split(data, source.inputs), str(data)
+    if source.dataset == MOVIELENS:
+        reason = movielens_available()
+        if reason:
+            return None, f"{reason} (pip install --no-deps recbole==1.2.1)"
+        schema = source.module.config.schema  # type: ignore[union-attr]
+        ds = movielens_100k(seq_len=schema.seq_len)
+        if ds.schema != schema:
+            raise BadInputError(f"the model's feature schema {schema} differs from MovieLens-100k's {ds.schema}",
+                                "pass the data the model was trained on with --data")
+        return ds.test, f"{MOVIELENS} test split"
+    return None, "no labelled data: the model was not trained on a known dataset (pass --data FILE.npz)"
+
+
+def verify_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | None = None,
+                  backend: str | None = None, device: str = "cpu", data: str | Path | None = None,
+                  metrics: bool = True, atol: dict[str, float] | None = None,
+                  rtol: dict[str, float] | None = None, integrity: bool = True,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """Tensor parity on the sample and generated requests, metric parity on labelled data."""
+    say = progress or (lambda _msg: None)
+    manifest = bundle if isinstance(bundle, Manifest) else read_manifest(bundle)
+    if integrity:
+        say("checking file hashes")
+        check_integrity(manifest)
+    source = load_reference(manifest, checkpoint)
+    precision = manifest.data.get("precision", "fp32")
+    out_names = [s.name for s in manifest.outputs]
+    per, default = resolve_tolerances(out_names, precision, atol or {}, rtol or {},
+                                      _family_tolerance(manifest))
+    sample = dict(np.load(manifest.file("inputs/sample.npz"), allow_pickle=False))
+    requests = [("sample", Request.from_npz_dict(sample))]
+    requests += [(f"{u}user x {n}", source.example_request(u, n, seed=100 + i))
+                 for i, (u, n) in enumerate(PARITY_REQUESTS)]
+    tensor, failures = [], []
+    with Runtime.open(manifest, backend, device) as rt, Runtime.reference(source) as ref:
+        for label, req in requests:
+            say(f"tensor parity: {label}")
+            res = compare_outputs(rt.score(req), ref.score(req), per, default)
+            tensor.append({"request": label, "users": req.num_users, "candidates": req.num_candidates,
+                           "outputs": [r.to_json() for r in res], "passed": all(r.passed for r in res)})
+            failures += [f"{label}: {r.line()}" for r in res if not r.passed]
+        metric_report = _metrics(source, rt, data, precision, say) if metrics else {
+            "status": "skipped", "reason": "disabled with --no-metrics"}
+    if metric_report.get("status") == "FAIL":
+        failures.append(metric_report["gate"]["message"])
+    worst = max((o["max_rel"] for t in tensor for o in t["outputs"]), default=0.0)
+    return {"status": "PASS" if not failures else "FAIL", "backend": rt.name, "device": device,
+            "precision": precision, "max_rel": worst,
+            "tolerances": {n: {"rtol": t.rtol, "atol": t.atol} for n, t in per.items()},
+            "tensor": tensor, "metrics": metric_report, "failures": failures}
+
+
+def _family_tolerance(manifest: Manifest) -> tuple[float, float] | None:
+    tol = manifest.data.get("tolerance")
+    return (float(tol["rtol"]), float(tol["atol"])) if isinstance(tol, dict) else None
+
+
+def _metrics(source: Source, rt: Runtime, data: str | Path | None, precision: str,
+             say: Progress) -> dict[str, Any]:
+    split, name = _labelled_split(source, data)
+    if split is None:
+        return {"status": "skipped", "reason": name}
+    say(f"metric parity: reference on {len(split)} rows of {name}")
+    first = source.outputs[0].name
+    ref = source.reference(split.feeds)[first].reshape(len(split), -1)[:, 0]
+    cand = np.empty_like(ref)
+    requests = split.requests(source.inputs)
+    say(f"metric parity: bundle on {len(requests)} requests")
+    for req in requests:
+        cand[req.meta["rows"]] = rt.score(req)[first].reshape(req.num_candidates, -1)[:, 0]
+    report = metric_parity(split.label, ref, cand, [r.meta["rows"] for r in requests])
+    gate = AUC_GATE.get(precision, AUC_GATE["fp32"])
+    delta = abs(report["auc"]["delta"])
+    ok = bool(delta <= gate)
+    report.update(dataset=name, status="PASS" if ok else "FAIL", output=f"{first}[:, 0]",
+                  gate={"max_abs_delta_auc": gate, "passed": ok,
+                        "message": f"|ΔAUC| {delta:.3g} {'<=' if ok else '>'} {gate:g} on {name}"})
+    return report
+
+
+def bench_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | None = None,
+                 backend: str | None = None, device: str = "cpu",
+                 candidates: Sequence[int] = DEFAULT_CANDIDATES, users: int = 1, budget_s: float = 2.0,
+                 peers: Sequence[str] = (), progress: Progress | None = None) -> dict[str, Any]:
+    """p50/p90/p99 per N for eager and the bundle (and optional peers), measured in one run."""
+    from mixexport.verification.peers import make_peers
+
+    say = progress or (lambda _msg: None)
+    manifest = bundle if isinstance(bundle, Manifest) else read_manifest(bundle)
+    source = load_reference(manifest, checkpoint)
+    results = {}
+    with Runtime.open(manifest, backend, device) as rt, Runtime.reference(source) as ref:
+        peer_fns = make_peers(peers, source, manifest, say)
+        for n in candidates:
+            req = source.example_request(users, n, seed=7)
+            say(f"latency: {users} user x {n} candidates")
+            fns: dict[str, Callable[[], Any]] = {"eager": lambda r=req: ref.score(r, validate=False),
+                                                 f"bundle ({rt.name})": lambda r=req: rt.score(r, validate=False)}
+            fns.update({name: (lambda r=req, f=f: f(r)) for name, f in peer_fns.items()})
+            results[n] = time_interleaved(fns, budget_s=budget_s)
+    return {"users": users, "candidates": list(candidates), "device": device, "machine": machine_info(),
+            "note": "input validation excluded from timings; requests carry no user ids (no cache reuse)",
+            "runners": summarize(results)}

@@ -1,0 +1,156 @@
+"""Reference model families and mixexport checkpoints.
+
+A family is one module in this package with: ``FAMILY`` (its name), ``Config`` (a frozen
+dataclass whose ``schema`` field is a :class:`FeatureSchema`), ``Model`` (a
+:class:`RankingModel`), ``tiny()`` / ``base()`` configs and ``DEFAULT_PASSES``. Adding a family
+means adding its file and one entry in :data:`FAMILIES`.
+
+A checkpoint is a ``torch.save`` dict ``{format, family, config, state_dict, metadata}``, loaded
+with ``torch.load(weights_only=True)``: loading never unpickles code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from mixexport.errors import BadInputError
+
+from . import rankmixer
+from .common import FeatureSchema, RankingModel, config_from_dict, config_to_dict, random_feeds
+
+CHECKPOINT_FORMAT = "mixexport.ckpt/1"
+FAMILIES: dict[str, ModuleType] = {m.FAMILY: m for m in (rankmixer,)}
+
+__all__ = ["CHECKPOINT_FORMAT", "FAMILIES", "Checkpoint", "FeatureSchema", "RankingModel",
+           "create_model", "family_module", "load_checkpoint", "random_feeds", "save_checkpoint"]
+
+
+def family_module(name: str) -> ModuleType:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise BadInputError(f"unknown model family {name!r}; known families: {', '.join(FAMILIES)}",
+                            "train a model of a known family, or export your own with "
+                            "torch.export.save and build the .pt2") from None
+
+
+def create_model(family: str, config: Any | None = None) -> RankingModel:
+    """A fresh model of ``family``; ``config`` is a Config, a dict, or None for ``tiny()``."""
+    mod = family_module(family)
+    if config is None:
+        config = mod.tiny()
+    elif not isinstance(config, mod.Config):
+        config = config_from_dict(mod.Config, config)
+    return mod.Model(config)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    model: RankingModel
+    family: str
+    config: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+def save_checkpoint(model: RankingModel, path: str | os.PathLike[str],
+                    metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as a mixexport checkpoint (atomically: temp file then rename)."""
+    path = Path(path)
+    payload = {"format": CHECKPOINT_FORMAT, "family": model.family,
+               "config": config_to_dict(model.config),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "metadata": dict(metadata or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Load a mixexport checkpoint safely; every problem is a one-line :class:`BadInputError`."""
+    path = Path(path)
+    payload = _read_payload(path)
+    fmt = payload.get("format")
+    if fmt != CHECKPOINT_FORMAT:
+        raise BadInputError(f"{path}: expected checkpoint format {CHECKPOINT_FORMAT!r}, found {fmt!r}",
+                            "save it with mixexport.models.save_checkpoint (or build a "
+                            "torch.export .pt2 of your own model)")
+    missing = [k for k in ("family", "config", "state_dict") if k not in payload]
+    if missing:
+        raise BadInputError(f"{path}: checkpoint is missing keys {missing}",
+                            "save it with mixexport.models.save_checkpoint")
+    family = payload["family"]
+    mod = family_module(family) if isinstance(family, str) else family_module(repr(family))
+    try:
+        config = config_from_dict(mod.Config, payload["config"])
+    except (ValueError, TypeError) as e:
+        raise BadInputError(f"{path}: invalid {family} config: {e}",
+                            f"compare with {family}.tiny() in mixexport.models") from None
+    model = mod.Model(config)
+    state = payload["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadInputError(f"{path}: state_dict must map names to tensors",
+                            "save it with mixexport.models.save_checkpoint")
+    _check_state(path, model, state)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    metadata = payload.get("metadata") or {}
+    return Checkpoint(model=model, family=family, config=config_to_dict(config), metadata=dict(metadata))
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise BadInputError(f"checkpoint {path} does not exist or is not a file",
+                            "check the path")
+    if path.stat().st_size == 0:
+        raise BadInputError(f"checkpoint {path} is empty (0 bytes)", "re-save the checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise BadInputError(f"{path}: refused to load: it holds objects other than tensors and "
+                            f"plain data ({first[:160]})",
+                            "mixexport never unpickles code; re-save with "
+                            "mixexport.models.save_checkpoint") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
+                            f"{first[:160]}", "re-save the checkpoint") from None
+    if not isinstance(payload, dict):
+        raise BadInputError(f"{path}: expected a checkpoint dict, found {type(payload).__name__}",
+                            "save it with mixexport.models.save_checkpoint")
+    return payload
+
+
+def _check_state(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
+        raise BadInputError(f"{path}: state_dict keys do not match the config: {'; '.join(parts)}",
+                            "the checkpoint's config and weights come from different models")
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise BadInputError(f"{path}: weight {name!r} has shape {tuple(state[name].shape)}, the "
+                                f"config expects {tuple(tensor.shape)}",
+                                "the checkpoint's config and weights come from different models")
