@@ -93,10 +93,14 @@ def save_onnx(model: onnx.ModelProto, path: Path, external_threshold: int = EXTE
     path = Path(path)
     files = [path]
     if weight_bytes(model) > external_threshold:
-        model = onnx.ModelProto.FromString(model.SerializeToString()) if model.ByteSize() < 2**31 - 1 else model
+        # saving with external data rewrites the proto in place: work on a copy when one fits in
+        # protobuf's 2 GB (always, except for the genuinely huge models that need this path)
+        if weight_bytes(model) < 2**31 - 64 * 1024**2:
+            model = onnx.ModelProto.FromString(model.SerializeToString())
         data_name = path.name + ".data"
+        # small tensors (shapes, axes) stay inline so shape inference can read them
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=0)
+                        location=data_name, size_threshold=1024)
         files.append(path.with_name(data_name))
     else:
         onnx.save_model(model, path)

@@ -256,7 +256,7 @@ def _load_program(path: Path, roles: Mapping[str, str]) -> Source:
         if s.dtype.startswith("int") and s.vocab is None:
             notes.append(f"int input {s.name}: vocabulary unknown (not read by an embedding); example "
                          "inputs use id 0; pass --data for real inputs")
-    module = ep.module()
+    module = _named_inputs_module(ep, names)
     outs = list(ep.graph_signature.user_outputs)
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
     out_vals = [a.meta.get("val") for a in out_node.args[0]]
@@ -267,6 +267,32 @@ def _load_program(path: Path, roles: Mapping[str, str]) -> Source:
                                "output") for n, v in zip(out_names, out_vals))
     return Source(kind="program", path=path, sha256=sha256_file(path), inputs=tuple(specs), outputs=outputs,
                   module=module, metadata={}, notes=tuple(notes))
+
+
+def _named_inputs_module(ep: torch.export.ExportedProgram, names: list[str]) -> torch.nn.Module:
+    """The program as a module called with its inputs by name (the convention every later stage
+    uses), whether it was exported with positional or keyword arguments."""
+    import inspect
+
+    inner = ep.module()
+    spec = ep.call_spec.in_spec
+    positional = spec is None or spec.children_specs[0].num_children > 0
+
+    class NamedInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
+            bound = dict(zip(names, args), **kwargs)
+            if positional:
+                return self.inner(*[bound[n] for n in names])
+            return self.inner(**{n: bound[n] for n in names})
+
+    # torch.export binds inputs through the signature: give forward the program's input names
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["self", *names]]
+    NamedInputs.forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return NamedInputs()  # no .eval(): an unlifted program refuses train()/eval() switches
 
 
 def _embedding_vocab(ep: torch.export.ExportedProgram) -> dict[str, int]:

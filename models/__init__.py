@@ -119,6 +119,10 @@ def _read_payload(path: Path) -> dict[str, Any]:
                             "check the path")
     if path.stat().st_size == 0:
         raise BadInputError(f"checkpoint {path} is empty (0 bytes)", "re-save the checkpoint")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save's zip archive; anything else is not ours
+            raise BadInputError(f"{path}: not a readable torch checkpoint (expected a torch.save zip "
+                                "archive)", "save it with mixexport.models.save_checkpoint")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
-from mixexport.bundle import Manifest, SegmentEntry
+from mixexport.bundle import Bundle, BundleWriter, Manifest, SegmentEntry
 
 
 class Session(Protocol):
@@ -28,6 +28,13 @@ class Backend(Protocol):
 
     def unavailable_reason(self) -> str | None:
         """None when this backend can run here; otherwise a one-line reason with the fix."""
+
+    def session_options(self) -> dict[str, Any]:
+        """Options recorded per segment in the manifest and used by every session of it."""
+
+    def compile(self, bundle: Bundle, writer: BundleWriter, progress: Any) -> dict[str, dict[str, str]]:
+        """Build-time artifacts beyond the ONNX segments (engines, AOTI packages): written with
+        ``writer.path("engines/...")``; returns {segment name: {backend name: relative path}}."""
 
     def prepare(self, manifest: Manifest, segment: SegmentEntry, workdir: Path | None = None) -> Session:
         """Load ``segment`` of the bundle for inference."""

@@ -67,6 +67,10 @@ class OnnxRuntimeBackend:
     def session_options(self) -> dict[str, Any]:
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULT_OPTIONS.items()}
 
+    def compile(self, bundle: Any, writer: Any, progress: Any) -> dict[str, dict[str, str]]:
+        """Nothing beyond the ONNX segments: ONNX Runtime loads them directly."""
+        return {}
+
     def open_file(self, path: Path, options: Mapping[str, Any] | None = None) -> OrtSession:
         reason = self.unavailable_reason()
         if reason:

@@ -1,0 +1,28 @@
+"""Run the real ``mixexport`` entry point in-process (same code path as the console script:
+``mixexport.cli.main``), capturing exit code, stdout and stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+
+from mixexport.cli import main
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(*args: str) -> CliResult:
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return CliResult(code, out.getvalue(), err.getvalue())

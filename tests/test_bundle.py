@@ -1,0 +1,77 @@
+"""Bundle directory: manifest contents and validation, atomic writes, --force."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mixexport.bundle import SCHEMA_VERSION, check_integrity, read_manifest
+from mixexport.errors import BadInputError, GateFailedError
+from mixexport.pipeline import BuildOptions, build
+
+
+def test_manifest_is_the_single_source_of_truth(tiny_bundle: Path) -> None:
+    m = read_manifest(tiny_bundle)
+    d = m.data
+    assert d["schema_version"] == SCHEMA_VERSION and d["target"] == "onnx"
+    assert {"mixexport", "torch", "onnx", "onnxruntime"} <= set(d["versions"])
+    assert d["model"]["family"] == "rankmixer" and d["model"]["params"] > 0
+    assert len(d["model"]["source"]["sha256"]) == 64
+    seg = m.segments[0]
+    assert seg.role == "full" and seg.backend == "onnxruntime" and seg.file == "segments/model.onnx"
+    assert [s.name for s in seg.inputs] == ["user_cat", "item_cat", "item_dense", "seq_items"]
+    assert seg.inputs[0].vocab == (50, 8, 3, 22, 10) and seg.inputs[0].shape == ("batch", 5)
+    assert seg.session_options["config"]["session.qdq_matmulnbits_accuracy_level"] == "0"
+    assert d["parity"]["status"] == "PASS"
+    check_integrity(m)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.update(schema_version=SCHEMA_VERSION + 1), "newer than this mixexport supports"),
+    (lambda d: d.pop("segments"), "missing 'segments'"),
+    (lambda d: d.update(segments="x"), "segments must be list"),
+    (lambda d: d["segments"][0].update(role="bogus"), "segments[0].role is 'bogus'"),
+    (lambda d: d["segments"][0].pop("file"), "segments[0] is missing 'file'"),
+])
+def test_manifest_validation_messages(bundle_copy: Path, edit, message: str) -> None:
+    path = bundle_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(BadInputError) as e:
+        read_manifest(bundle_copy)
+    assert message in e.value.message
+
+
+def test_integrity_names_changed_and_missing_files(bundle_copy: Path) -> None:
+    (bundle_copy / "reports" / "report.md").write_text("tampered")
+    (bundle_copy / "reports" / "parity.json").unlink()
+    with pytest.raises(GateFailedError) as e:
+        check_integrity(read_manifest(bundle_copy))
+    assert "changed reports/report.md" in e.value.message and "missing reports/parity.json" in e.value.message
+
+
+def test_failed_build_leaves_nothing(tiny_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    # zero tolerance: ONNX Runtime's float rounding differs from torch's, so parity fails
+    with pytest.raises(GateFailedError) as e:
+        build(tiny_ckpt, BuildOptions(out=out, bench=False, atol={"*": 0.0}, rtol={"*": 0.0}))
+    assert "parity failed" in e.value.message and "FAIL logit" in e.value.message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_only_after_the_new_bundle_is_complete(tiny_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    build(tiny_ckpt, BuildOptions(out=out, bench=False))
+    first = read_manifest(out).data["created"]
+    (out / "marker").write_text("old bundle")
+    # a failing --force build keeps the old bundle untouched
+    with pytest.raises(GateFailedError):
+        build(tiny_ckpt, BuildOptions(out=out, force=True, bench=False, atol={"*": 0.0}, rtol={"*": 0.0}))
+    assert (out / "marker").exists() and read_manifest(out).data["created"] == first
+    build(tiny_ckpt, BuildOptions(out=out, force=True, bench=False))
+    assert not (out / "marker").exists()
+    check_integrity(read_manifest(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
