@@ -283,6 +283,9 @@ def build(checkpoint: str | Path, options: BuildOptions, progress: Progress | No
                              "backend": backend.name, "engines": {},
                              "session_options": backend.session_options(),
                              "ops": op_histogram(seg.onnx), "weight_bytes": weight_bytes(seg.onnx)})
+        engines = backend.compile(bundle, writer, say)
+        for entry in seg_json:
+            entry["engines"] = engines.get(entry["name"], {})
         np.savez(writer.path("inputs/sample.npz"), **request.to_npz_dict())
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -294,9 +297,6 @@ def build(checkpoint: str | Path, options: BuildOptions, progress: Progress | No
                       "outputs": [s.to_json() for s in source.outputs]},
             "target": options.target, "device": options.device, "precision": bundle.precision,
             "segments": seg_json, "caches": [c.to_json() for c in bundle.caches],
-        engines = backend.compile(bundle, writer, say)
-        for entry in seg_json:
-            entry["engines"] = engines.get(entry["name"], {})
             "passes": [dataclasses.asdict(p) for p in bundle.passes],
             "notes": list(source.notes), "files": {},
         }
