@@ -20,7 +20,7 @@ import numpy as np
 from mixexport.bundle import SCHEMA_VERSION, Bundle, BundleWriter, PassRecord, Segment, library_versions
 from mixexport.errors import BadInputError, GateFailedError, MixexportError
 from mixexport.export import EXTERNAL_DATA_THRESHOLD, op_histogram, save_onnx, to_onnx, weight_bytes
-from mixexport.passes import PassInfo, PassResult
+from mixexport.passes import PassInfo, PassResult, split_user_item
 from mixexport.runtime import Runtime
 from mixexport.source import Source, export_program, load_source
 from mixexport.specs import Request
@@ -30,7 +30,7 @@ from mixexport.verification.latency import DEFAULT_CANDIDATES
 log = logging.getLogger(__name__)
 
 #: Every pass, in the order the pipeline runs them (program stage first, then ONNX stage).
-ORDER: tuple[PassInfo, ...] = ()
+ORDER: tuple[PassInfo, ...] = (split_user_item.PASS,)
 #: --target → the backend that runs the bundle's segments.
 TARGETS = {"onnx": "onnxruntime"}
 SAMPLE_USERS, SAMPLE_CANDIDATES = 2, 16

@@ -188,16 +188,17 @@ class Runtime:
             return self._run(user_seg, {n: request.user[n] for n in names})
         keys = [(uid, _digest(request.user, i)) for i, uid in enumerate(request.user_ids)]
         cached = [self.cache.get(key) for key in keys]
+        axes = {s.name: (s.shape.index("users") if "users" in s.shape else 0) for s in user_seg.outputs}
         missing = [i for i, c in enumerate(cached) if c is None]
         if missing:
             rows = np.asarray(missing, dtype=np.int64)
             fresh = self._run(user_seg, {n: request.user[n][rows] for n in names})
             for j, i in enumerate(missing):
-                entry = {k: v[j:j + 1].copy() for k, v in fresh.items()}
+                entry = {k: np.take(v, [j], axis=axes[k]) for k, v in fresh.items()}
                 self.cache.put(keys[i], entry)
                 cached[i] = entry
-        names_out = cached[0].keys()  # type: ignore[union-attr]
-        return {k: np.concatenate([c[k] for c in cached]) for k in names_out}  # type: ignore[index]
+        return {k: np.concatenate([c[k] for c in cached], axis=axes[k])  # type: ignore[index]
+                for k in cached[0]}  # type: ignore[union-attr]
 
 
 def _digest(user: Mapping[str, np.ndarray], row: int) -> bytes:

@@ -1,0 +1,246 @@
+"""Role propagation through a ``torch.export`` graph, and cutting it into segments.
+
+Used by the request-level passes (``split_user_item``, ``extract_kv_cache``). The graph is the
+program's unlifted module (parameters as ``get_attr``). Every node gets a role:
+
+- ``user``: a tensor computed only from user-side inputs (roles user/sequence), constants and sizes;
+- ``item``: a tensor that depends on an item input;
+- ``const``: a tensor computed from parameters/constants (and sizes) only — copied into every
+  segment that needs it;
+- ``size``: a symbolic integer (batch size, sequence length…) — re-derived in each segment from
+  that segment's own inputs, so the batch symbol means U users in the user segment and N
+  candidates in the item segment;
+- ``drop``: guard/assertion nodes (the segment programs are re-exported and get their own).
+
+A segment graph is built by copying the nodes its outputs need, in topological order, with some
+nodes *bound* to new inputs (user state arriving from another segment, gathered by
+``user_index`` along its batch axis). Each segment is then re-exported with ``torch.export`` so
+that it is a self-contained program with named dynamic axes.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import fx
+
+from mixexport.errors import BadInputError
+from mixexport.specs import TensorSpec
+
+DROP_TARGETS = {torch.ops.aten._assert_tensor_metadata.default}
+try:  # not every torch build has these assertion ops
+    DROP_TARGETS |= {torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default}
+except AttributeError:  # pragma: no cover - depends on the torch version
+    pass
+
+
+@dataclass
+class Analysis:
+    gm: fx.GraphModule
+    roles: dict[fx.Node, str]
+    placeholders: dict[str, fx.Node]
+    outputs: list[fx.Node]
+    batch_expr: str
+
+    def role(self, node: fx.Node) -> str:
+        return self.roles[node]
+
+    def consumers(self, node: fx.Node) -> list[fx.Node]:
+        return [u for u in node.users if self.roles.get(u) != "drop"]
+
+
+def _tensor_val(node: fx.Node) -> Any:
+    return node.meta.get("val")
+
+
+def _is_size(node: fx.Node) -> bool:
+    v = _tensor_val(node)
+    return isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) or (
+        node.op == "call_function" and node.target in (torch.ops.aten.sym_size.int, operator.mul,
+                                                       operator.floordiv, operator.add, operator.sub))
+
+
+def expr(d: Any) -> str:
+    """A size's symbolic expression as text (ints as themselves)."""
+    return str(d.node.expr) if isinstance(d, torch.SymInt) else str(int(d))
+
+
+def analyze(program: torch.export.ExportedProgram, inputs: tuple[TensorSpec, ...]) -> Analysis:
+    """Roles of every node of ``program``'s unlifted graph (see the module docstring)."""
+    gm = program.module()
+    roles: dict[fx.Node, str] = {}
+    placeholders: dict[str, fx.Node] = {}
+    spec_roles = {s.name: ("user" if s.user_side else "item") for s in inputs}
+    outputs: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if node.name not in spec_roles:
+                raise BadInputError(f"program input {node.name!r} has no spec", "report this as a bug")
+            roles[node] = spec_roles[node.name]
+            placeholders[node.name] = node
+        elif node.op == "get_attr":
+            roles[node] = "const"
+        elif node.op == "output":
+            outputs = list(node.args[0]) if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
+        elif node.op == "call_module" or node.target in DROP_TARGETS:
+            roles[node] = "drop"  # _guards_fn and tensor-metadata assertions
+        elif _is_size(node):
+            roles[node] = "size"
+        else:
+            deps = {roles[a] for a in node.all_input_nodes if roles.get(a) not in ("size", "drop")}
+            roles[node] = "item" if "item" in deps else "user" if "user" in deps else "const"
+    first = next(iter(placeholders.values()))
+    return Analysis(gm=gm, roles=roles, placeholders=placeholders, outputs=outputs,
+                    batch_expr=expr(_tensor_val(first).shape[0]))
+
+
+def boundary(analysis: Analysis, side: str = "user") -> list[fx.Node]:
+    """``side`` nodes whose values an item-side node (or a graph output) consumes, in graph order."""
+    out = []
+    for node in analysis.gm.graph.nodes:
+        if analysis.roles.get(node) != side:
+            continue
+        if any(analysis.roles.get(u) == "item" for u in analysis.consumers(node)) or node in analysis.outputs:
+            out.append(node)
+    return out
+
+
+def batch_axis(node: fx.Node, batch_expr: str) -> int:
+    """The one axis of ``node``'s value whose size is the batch symbol."""
+    shape = _tensor_val(node).shape
+    axes = [i for i, d in enumerate(shape) if expr(d) == batch_expr]
+    if len(axes) != 1:
+        raise BadInputError(f"cannot cut at {node.name}: expected exactly one batch axis in its shape "
+                            f"{[expr(d) for d in shape]}, found {len(axes)}",
+                            "keep the batch on one axis of tensors that cross from user to item side")
+    return axes[0]
+
+
+def tensor_spec(node: fx.Node, name: str, role: str, dim_names: Mapping[str, str]) -> TensorSpec:
+    """The spec of a boundary value, its symbolic axes named through ``dim_names`` (expr → name)."""
+    val = _tensor_val(node)
+    shape = tuple(dim_names.get(expr(d), expr(d)) if isinstance(d, torch.SymInt) else int(d) for d in val.shape)
+    bad = [d for d in shape if isinstance(d, str) and d not in dim_names.values()]
+    if bad:
+        raise BadInputError(f"cannot cut at {node.name}: axis sizes {bad} are neither static nor a known dim",
+                            "keep tensors crossing segments static except for batch/sequence axes")
+    return TensorSpec(name, str(val.dtype).replace("torch.", ""), shape, role)
+
+
+class SegmentBuilder:
+    """Copies the part of an analysed graph that some outputs need into a new graph.
+
+    ``inputs`` are new placeholders; ``bind`` maps old nodes to values of the new graph (e.g. a
+    placeholder of user state, gathered by ``user_index``); ``size_providers`` are new placeholders
+    whose axes resolve symbolic sizes (by expression) instead of copying the old size nodes.
+    """
+
+    def __init__(self, analysis: Analysis) -> None:
+        self.a = analysis
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.providers: list[tuple[fx.Node, list[str], set[int]]] = []
+        self.placeholders: dict[str, fx.Node] = {}
+
+    def input(self, name: str, like: fx.Node | list[str], size_axes: Iterable[int] | None = None) -> fx.Node:
+        """A new placeholder shaped like the old node ``like`` (or with these size expressions);
+        its ``size_axes`` (default: all) resolve symbolic sizes of the copied nodes."""
+        ph = self.graph.placeholder(name)
+        if isinstance(like, fx.Node):
+            ph.meta = dict(like.meta)
+            shape = [expr(d) for d in _tensor_val(like).shape]
+        else:
+            shape = list(like)
+        self.placeholders[name] = ph
+        self.providers.append((ph, shape, set(range(len(shape))) if size_axes is None else set(size_axes)))
+        return ph
+
+    def bind(self, old: fx.Node, new: fx.Node) -> None:
+        self.env[old] = new
+
+    def call(self, target: Callable[..., Any], *args: Any) -> fx.Node:
+        return self.graph.call_function(target, args)
+
+    def _resolve_size(self, node: fx.Node) -> fx.Node | None:
+        want = expr(_tensor_val(node)) if isinstance(_tensor_val(node), torch.SymInt) else None
+        if want is None:
+            return None
+        for ph, shape, axes in self.providers:
+            for ax in sorted(axes):
+                if shape[ax] == want:
+                    return self.graph.call_function(torch.ops.aten.sym_size.int, (ph, ax))
+        return None
+
+    def value(self, old: fx.Node) -> fx.Node:
+        """The new-graph node for ``old``, copying whatever it needs (in graph order)."""
+        if old in self.env:
+            return self.env[old]
+        needed: list[fx.Node] = []
+        seen: set[fx.Node] = set()
+        stack = [old]
+        while stack:
+            n = stack.pop()
+            if n in seen or n in self.env:
+                continue
+            seen.add(n)
+            if n.op == "placeholder":
+                raise BadInputError(f"segment needs input {n.name!r}, which is not one of its inputs",
+                                    "report this as a bug")
+            if self.a.roles.get(n) == "size":
+                resolved = self._resolve_size(n)
+                if resolved is not None:
+                    self.env[n] = resolved
+                    continue
+            needed.append(n)
+            stack.extend(n.all_input_nodes)
+        order = {n: i for i, n in enumerate(self.a.gm.graph.nodes)}
+        for n in sorted(needed, key=order.__getitem__):
+            self.env[n] = self.graph.node_copy(n, lambda x: self.env[x])
+        return self.env[old]
+
+    def module(self, outputs: list[fx.Node]) -> fx.GraphModule:
+        self.graph.output(tuple(self.value(o) for o in outputs))
+        self.graph.eliminate_dead_code()
+        gm = fx.GraphModule(self.a.gm, self.graph)
+        gm.graph.lint()
+        return gm
+
+
+def gather_rows(builder: SegmentBuilder, state: fx.Node, axis: int, index: fx.Node) -> fx.Node:
+    """``state`` (leading U along ``axis``) → N rows picked by ``user_index``, inside the graph."""
+    return builder.call(torch.ops.aten.index_select.default, state, axis, index)
+
+
+def export_segment(gm: fx.GraphModule, specs: tuple[TensorSpec, ...], feeds: Mapping[str, np.ndarray],
+                   multiples: Mapping[str, tuple[str, int]] | None = None) -> torch.export.ExportedProgram:
+    """Re-export a segment graph; every symbolic axis in ``specs`` becomes a named dynamic Dim.
+
+    ``multiples`` declares derived axes: ``{"seq": ("groups", 4)}`` exports seq as 4·groups.
+    """
+    dims: dict[str, Any] = {}
+
+    def dim(name: str) -> Any:
+        if name not in dims:
+            if multiples and name in multiples:
+                base, k = multiples[name]
+                dims[name] = k * dim(base)
+            else:
+                dims[name] = torch.export.Dim(name.replace("/", "_"), min=1)
+        return dims[name]
+
+    dynamic = {s.name: {i: dim(d) for i, d in enumerate(s.shape) if isinstance(d, str)} for s in specs}
+    kwargs = {s.name: torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in specs}
+    return torch.export.export(gm, (), kwargs=kwargs, dynamic_shapes=dynamic, strict=False)
+
+
+def segment_flops(module: Callable[..., Any], feeds: Mapping[str, np.ndarray]) -> int:
+    """FLOPs of one call (torch's flop counter: matmuls and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()})
+    return int(counter.get_total_flops())

@@ -1,0 +1,175 @@
+"""``split-user-item`` (UG-Sep serving): compute user-side work once per user, not once per candidate.
+
+Cases handled:
+- roles are propagated through the ``torch.export`` graph: a node is user-side when every tensor
+  it reads is user-side (user or sequence inputs), a parameter or a constant;
+- the **user segment** takes the user inputs (leading dim ``users``) and outputs every user-side
+  value an item-side node reads ("user state") — for UG-Sep that is the user tokens' slices and
+  the compensation term of **every layer** (the cut is per layer), plus the user part of the head;
+- the **item segment** takes that state (leading dim ``users``), the item inputs and
+  ``user_index [candidates]``, and broadcasts the state to the candidates **inside** the graph
+  (a gather by ``user_index`` along each state's batch axis; U = 1 is the 1 user × N case);
+- symbolic sizes are re-derived per segment, so the batch symbol means U users in the user segment
+  and N candidates in the item segment;
+- the split is proven before it is returned: the two segments composed on a sample request must
+  reproduce the unsplit program (``check_atol``); the build's stage ledger and ``verify`` repeat
+  that against the eager model.
+
+Report: FLOPs per user (user segment), per candidate (item segment) and per row (unsplit); the
+boundary tensors with their bytes per user; the predicted speed-up ``N·F / (F_user + N·F_item)``
+at N ∈ {1, 16, 64, 256, 1024}.
+
+Precondition: the program has one full segment with user and item inputs, and some matrix
+multiply is user-only. A model whose user features meet item features in the first tensor after
+the embeddings (plain RankMixer tokenization) has nothing to reuse; the error names where they meet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mixexport.bundle import Bundle, Segment
+from mixexport.errors import PreconditionError
+from mixexport.partition import (Analysis, SegmentBuilder, analyze, batch_axis, boundary, export_segment,
+                                 gather_rows, segment_flops, tensor_spec)
+from mixexport.passes import PassInfo, PassResult
+from mixexport.specs import TensorSpec
+
+MATMUL_TARGETS = {torch.ops.aten.matmul.default, torch.ops.aten.linear.default, torch.ops.aten.mm.default,
+                  torch.ops.aten.bmm.default, torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default,
+                  torch.ops.aten.scaled_dot_product_attention.default}
+PREDICT_AT = (1, 16, 64, 256, 1024)
+USER_INDEX = TensorSpec("user_index", "int64", ("candidates",), "index")
+
+
+@dataclass(frozen=True)
+class Options:
+    """``check_atol``: largest |difference| allowed between split and unsplit program outputs on
+    the sample request before the pass refuses its own result."""
+
+    check_atol: float = 1e-5
+
+
+def rename_batch(specs: tuple[TensorSpec, ...], name: str) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(s.name, s.dtype, tuple(name if d == "batch" else d for d in s.shape), s.role, s.vocab)
+                 for s in specs)
+
+
+def _single_full_segment(bundle: Bundle, pass_name: str) -> Segment:
+    if bundle.stage != "program" or len(bundle.segments) != 1 or bundle.segments[0].role != "full":
+        found = [(s.name, s.role) for s in bundle.segments]
+        raise PreconditionError(f"{pass_name} expects one full program-stage segment, found {found} at "
+                                f"stage {bundle.stage}", "run it before any other request-level pass")
+    seg = bundle.segments[0]
+    if not any(s.user_side for s in seg.inputs) or all(s.user_side for s in seg.inputs):
+        raise PreconditionError(f"{pass_name} needs both user-side and item inputs, found roles "
+                                f"{sorted({s.role for s in seg.inputs})}", "declare input roles")
+    return seg
+
+
+def _where(node: Any) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    return f"{node.name} ({node.target}{', in ' + path if path else ''})"
+
+
+def requires(bundle: Bundle) -> None:
+    seg = _single_full_segment(bundle, "split-user-item")
+    a = analyze(seg.program, seg.inputs)
+    user_matmuls = [n for n, r in a.roles.items() if r == "user" and n.op == "call_function"
+                    and n.target in MATMUL_TARGETS]
+    if not user_matmuls:
+        meet = next((u for n in boundary(a) for u in a.consumers(n) if a.roles.get(u) == "item"), None)
+        where = f"user inputs meet item inputs at {_where(meet)}" if meet is not None else "no user-side value"
+        n_user = sum(1 for n, r in a.roles.items() if r == "user")
+        raise PreconditionError(
+            f"split-user-item needs user-only computation past the embeddings (user tokens kept in their "
+            f"own tensors, as in UG-Sep); found {n_user} user-side ops and none is a matrix multiply: {where}",
+            "use a model whose user tokens stay separate (family ugsep), or build without this pass")
+
+
+def split_user_item(bundle: Bundle, options: Options) -> PassResult:
+    """Cut the program into a user segment (once per user) and an item segment (per candidate)."""
+    requires(bundle)
+    seg = bundle.segments[0]
+    a = analyze(seg.program, seg.inputs)
+    cut = boundary(a)
+    user_specs = rename_batch(tuple(s for s in seg.inputs if s.user_side), "users")
+    item_specs = rename_batch(tuple(s for s in seg.inputs if not s.user_side), "candidates")
+    state_specs = tuple(tensor_spec(n, f"state_{i}", "state", {a.batch_expr: "users"}) for i, n in enumerate(cut))
+
+    ub = SegmentBuilder(a)
+    for s in user_specs:
+        ub.bind(a.placeholders[s.name], ub.input(s.name, a.placeholders[s.name]))
+    user_gm = ub.module(cut)
+
+    ib = SegmentBuilder(a)
+    states = [(n, ib.input(s.name, n, size_axes=[i for i in range(len(s.shape)) if s.shape[i] != "users"]))
+              for n, s in zip(cut, state_specs)]
+    for s in item_specs:
+        ib.bind(a.placeholders[s.name], ib.input(s.name, a.placeholders[s.name]))
+    index = ib.input(USER_INDEX.name, [a.batch_expr])
+    for node, ph in states:
+        ib.bind(node, gather_rows(ib, ph, batch_axis(node, a.batch_expr), index))
+    item_gm = ib.module(a.outputs)
+
+    request = bundle.source.example_request(2, 5, seed=11)
+    user_feeds = {s.name: request.user[s.name] for s in user_specs}
+    user_ep = export_segment(user_gm, user_specs, user_feeds)
+    state = _run(user_ep, user_feeds, state_specs)
+    item_feeds = {**state, **{s.name: request.item[s.name] for s in item_specs}, USER_INDEX.name: request.user_index}
+    item_inputs = state_specs + item_specs + (USER_INDEX,)
+    item_ep = export_segment(item_gm, item_inputs, item_feeds)
+    outputs = rename_batch(seg.outputs, "candidates")
+
+    split_out = _run(item_ep, item_feeds, outputs)
+    full_out = _run(seg.program, request.rows(), seg.outputs)
+    diff = max(float(np.max(np.abs(split_out[o.name] - full_out[o2.name]))) for o, o2 in zip(outputs, seg.outputs))
+    if not diff <= options.check_atol:
+        raise PreconditionError(f"split-user-item: the split program differs from the unsplit one by {diff:.3g} "
+                                f"(> check_atol {options.check_atol:g})", "report this model as a bug")
+    report = _report(a, seg, user_ep, item_ep, user_specs, item_inputs, state_specs, cut, request, diff)
+    new = (Segment("user", "user", user_specs, state_specs, program=user_ep),
+           Segment("item", "item", item_inputs, outputs, program=item_ep))
+    return PassResult(bundle.replace(segments=new), report)
+
+
+def _run(program: torch.export.ExportedProgram, feeds: dict[str, np.ndarray],
+         outputs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
+    with torch.inference_mode():
+        out = program.module()(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()})
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return {s.name: o.numpy() for s, o in zip(outputs, outs)}
+
+
+def _report(a: Analysis, seg: Segment, user_ep: Any, item_ep: Any, user_specs: tuple[TensorSpec, ...],
+            item_inputs: tuple[TensorSpec, ...], state_specs: tuple[TensorSpec, ...], cut: list[Any],
+            request: Any, diff: float) -> dict[str, Any]:
+    one = bundle_rows = request.rows()
+    one = {k: v[:1] for k, v in bundle_rows.items()}
+    f_full = segment_flops(seg.program.module(), one)
+    user_one = {s.name: request.user[s.name][:1] for s in user_specs}
+    f_user = segment_flops(user_ep.module(), user_one)
+    state = _run(user_ep, user_one, state_specs)
+    item_one = {**state, **{s.name: request.item[s.name][:1] for s in item_inputs if s.name in request.item},
+                "user_index": np.zeros(1, dtype=np.int64)}
+    f_item = segment_flops(item_ep.module(), item_one)
+    per_user_bytes = {s.name: int(np.prod([d for d in s.shape if isinstance(d, int)])) * np.dtype(s.dtype).itemsize
+                      for s in state_specs}
+    return {
+        "flops_per_row_unsplit": f_full, "flops_per_user": f_user, "flops_per_candidate": f_item,
+        "user_share_of_flops": f_user / f_full if f_full else 0.0,
+        "boundary": [{"name": s.name, "from_node": n.name, "shape": list(s.shape), "dtype": s.dtype,
+                      "bytes_per_user": per_user_bytes[s.name]} for s, n in zip(state_specs, cut)],
+        "boundary_bytes_per_user": sum(per_user_bytes.values()),
+        "predicted_speedup": {str(n): (n * f_full) / (f_user + n * f_item) if f_user + n * f_item else None
+                              for n in PREDICT_AT},
+        "check_max_abs_diff": diff,
+    }
+
+
+PASS = PassInfo(name="split-user-item", stage="program", run=split_user_item, options=Options, requires=requires)
