@@ -1,0 +1,473 @@
+"""``pack-moe-experts`` (program stage): a Sparse-MoE written as a Python list of expert MLPs plus a
+router becomes stacked expert weights run as a few batched MatMuls with static shapes.
+
+``torch.export`` unrolls a researcher's ``for j, expert in enumerate(self.experts): out = out +
+gates[..., j:j+1] * expert(x)`` into ``E`` parallel MatMul chains on one token tensor, each
+multiplied by a slice of the gate tensor and summed (models-spec.md §11.4). This pass finds those
+sites in the ``torch.export`` program and replaces each with one :class:`PackedExperts` module, then
+re-exports the program with the segment's dynamic dims. The router nodes are kept as they are; the
+packed form applies their gates by **dense masking**, so the result is exact for any gating and the
+exported graph has no NonZero, Loop, If or data-dependent shape.
+
+Forms (``Options.form``):
+- ``hidden-slice`` (default): the experts' hidden dims are concatenated, ``W1 [T, I, E·h]``,
+  ``W2 [T, E·h, O]``, and the gate multiplies each expert's hidden slice:
+  ``y = (act(x@W1 + b1) ⊙ expand(g)) @ W2 + g@B2`` with ``B2 [T, E, O]`` — exact, because ``W2``
+  is linear; two (MLP) or three (SwiGLU) large GEMMs instead of ``2E``/``3E`` small ones.
+- ``stacked``: ``W1 [E, T, I, h]``, ``W2 [E, T, h, O]``; one batched GEMM per layer over all experts,
+  then ``Σ_e g_e·y_e`` as Mul + ReduceSum (the spec's exact baseline; no Einsum).
+Both compute every expert (dense FLOPs), like the unpacked graph. Skipping zero-gate experts needs
+a data-dependent shape, or a capacity that can overflow (ReLU routing has no bound on the active
+count), so it is not done. What packing buys is op count (2-3 large GEMMs per site instead of
+2E-3E small ones: kernel launches on GPU, one weight per site for W8A16). It is not a CPU speed-up:
+at batch 256 on 2 cores the unpacked MatMuls already run near the cores' peak, and the packed forms
+measure equal (TokenMixer-Large) to 10-40% slower (RankMixer-MoE: the activation and gate multiply
+now stream one hidden tensor too large for the cache); see ``benchmarks/moe_pack.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from mixexport.bundle import Bundle
+from mixexport.errors import BadInputError, PreconditionError
+from mixexport.passes import PassInfo, PassResult
+from mixexport.specs import TensorSpec
+
+aten = torch.ops.aten
+FORMS = ("hidden-slice", "stacked")
+ACTIVATIONS = (aten.gelu.default, aten.relu.default, aten.silu.default)
+_MEMBER = re.compile(r"^(?P<list>.+)\.(?P<idx>\d+)$")
+
+
+@dataclass(frozen=True)
+class Options:
+    """``form``: ``hidden-slice`` (default; concatenated hidden dims, gate per hidden slice) or
+    ``stacked`` (``[E, T, ...]`` weights, one batched GEMM over all experts, Mul + ReduceSum)."""
+
+    form: str = "hidden-slice"
+
+
+@dataclass
+class Expert:
+    root: str                       # module path, e.g. blocks.0.ffn.experts.2
+    kind: str                       # "mlp" | "swiglu"
+    x: fx.Node                      # the token input it reads
+    output: fx.Node
+    weights: dict[str, torch.Tensor | None]   # w_in, b_in, w_up, w_out, b_out
+    act: tuple[Any, tuple[Any, ...], dict[str, Any]] | None = None   # (aten op, extra args, kwargs)
+
+    def signature(self) -> tuple[Any, ...]:
+        shapes = tuple((k, None if w is None else tuple(w.shape)) for k, w in sorted(self.weights.items()))
+        act = None if self.act is None else (str(self.act[0]), self.act[1], tuple(sorted(self.act[2].items())))
+        return self.kind, shapes, act
+
+
+@dataclass
+class Site:
+    path: str                       # the MoE module, e.g. blocks.0.ffn
+    members: str                    # the expert list, e.g. blocks.0.ffn.experts
+    x: fx.Node
+    gates: fx.Node                  # G [T,B,R]
+    experts: list[Expert]           # always-on (shared) experts first, then routed in gate-column order
+    shared: int
+    root: fx.Node                   # the add whose value the packed module replaces
+    extras: list[fx.Node] = field(default_factory=list)
+    routing: str = ""
+
+
+def _path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(list(stack.values())[-1][0]) if stack else ""
+
+
+def _within(path: str, module: str) -> bool:
+    return path == module or path.startswith(module + ".")
+
+
+def _tensor(node: Any) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _param(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    value = gm
+    for part in str(node.target).split("."):
+        value = getattr(value, part, None)
+    return value.detach() if isinstance(value, torch.Tensor) else None
+
+
+def _fits(bias: torch.Tensor | None, shape: tuple[int, int, int]) -> bool:
+    """No bias, or one that broadcasts to ``shape`` = [T, 1, O] without growing it."""
+    try:
+        return bias is None or tuple(torch.broadcast_shapes(bias.shape, shape)) == shape
+    except RuntimeError:
+        return False
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _bias(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor | None]:
+    """``node + param`` → (the add, the param); otherwise (node, None)."""
+    user = _only_user(node)
+    if user is not None and user.target == aten.add.Tensor and len(user.args) == 2:
+        other = user.args[1] if user.args[0] is node else user.args[0]
+        b = _param(gm, other)
+        if b is not None:
+            return user, b
+    return node, None
+
+
+def _inputs(nodes: list[fx.Node]) -> set[fx.Node]:
+    """The tensors ``nodes`` read from outside, parameters excluded."""
+    inside = set(nodes)
+    return {a for n in nodes for a in n.all_input_nodes
+            if a not in inside and a.op != "get_attr" and _tensor(a) is not None}
+
+
+def _match_expert(gm: fx.GraphModule, root: str, nodes: list[fx.Node]) -> Expert | str:
+    """An MLP or SwiGLU expert made of exactly ``nodes``, or why not."""
+    inside = set(nodes)
+    inputs = _inputs(nodes)
+    if len(inputs) != 1:
+        return f"{root} reads {len(inputs)} tensors, an expert reads one token tensor"
+    x = inputs.pop()
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    if len(outputs) != 1:
+        return f"{root} has {len(outputs)} outputs, an expert has one"
+    xt = _tensor(x)
+    first = [n for n in nodes if n.target == aten.matmul.default and n.args[0] is x]
+    ws = [_param(gm, n.args[1]) for n in first]
+    if not first or any(w is None or w.ndim != 3 for w in ws) or xt is None or xt.ndim != 3:
+        return f"{root} does not start with per-token MatMuls x[T,B,I] @ W[T,I,O] on its input"
+    seen: set[fx.Node] = set(first)
+    if len(first) == 1:                                  # MLP: act(x@W1 + b1) @ W2 + b2
+        h, b_in = _bias(gm, first[0])
+        act = _only_user(h)
+        if act is None or act.target not in ACTIVATIONS:
+            return f"{root}: the first MatMul does not feed a GELU/ReLU/SiLU"
+        mm = _only_user(act)
+        w_out = _param(gm, mm.args[1]) if mm is not None and mm.target == aten.matmul.default else None
+        if mm is None or w_out is None or w_out.ndim != 3:
+            return f"{root}: the activation does not feed a per-token MatMul"
+        y, b_out = _bias(gm, mm)
+        t, _, hidden = ws[0].shape                       # type: ignore[union-attr]
+        if not (_fits(b_in, (t, 1, hidden)) and _fits(b_out, (t, 1, w_out.shape[-1]))):
+            return f"{root}: a bias does not broadcast as a per-token bias [T, 1, O]"
+        seen |= {h, act, mm, y}
+        expert = Expert(root, "mlp", x, y, {"w_in": ws[0], "b_in": b_in, "w_up": None, "w_out": w_out,
+                                            "b_out": b_out}, (act.target, tuple(act.args[1:]), dict(act.kwargs)))
+    elif len(first) == 2:                                # SwiGLU: (silu(x@Wg) * (x@Wu)) @ Wd
+        silus = [i for i, n in enumerate(first) if (u := _only_user(n)) is not None and u.target == aten.silu.default]
+        if len(silus) != 1:
+            return f"{root}: two MatMuls on the input but not exactly one feeds a SiLU"
+        g = silus[0]
+        silu, up = _only_user(first[g]), first[1 - g]
+        mul = _only_user(silu)
+        if mul is None or mul.target != aten.mul.Tensor or set(mul.args) != {silu, up} or _only_user(up) is not mul:
+            return f"{root}: SiLU(x@Wg) is not multiplied by x@Wu"
+        mm = _only_user(mul)
+        w_out = _param(gm, mm.args[1]) if mm is not None and mm.target == aten.matmul.default else None
+        if mm is None or w_out is None or w_out.ndim != 3:
+            return f"{root}: the SwiGLU product does not feed a per-token MatMul"
+        y = mm
+        seen |= {silu, mul, mm}
+        expert = Expert(root, "swiglu", x, y, {"w_in": ws[g], "b_in": None, "w_up": ws[1 - g], "w_out": w_out,
+                                                "b_out": None})
+    else:
+        return f"{root}: {len(first)} MatMuls read the input; an MLP has 1, a SwiGLU 2"
+    if seen != inside or y is not outputs[0]:
+        extra = sorted(str(n.target) for n in inside - seen)
+        return f"{root}: ops besides the expert pattern ({', '.join(extra[:4]) or 'output in the middle'})"
+    return expert
+
+
+def _gate_column(expert: Expert) -> tuple[fx.Node, fx.Node, int] | str:
+    """(gate tensor G, the Mul, column) for ``G[..., c:c+1] * expert(x)``, or why not."""
+    mul = _only_user(expert.output)
+    if mul is None or mul.target != aten.mul.Tensor or len(mul.args) != 2:
+        return f"{expert.root}: its output is not multiplied by a gate only"
+    sl = mul.args[1] if mul.args[0] is expert.output else mul.args[0]
+    if not (isinstance(sl, fx.Node) and sl.target == aten.slice.Tensor):
+        return f"{expert.root}: the gate is not a column slice G[..., c:c+1]"
+    g, dim, start, end = (list(sl.args) + [None] * 4)[:4]
+    step = sl.args[4] if len(sl.args) > 4 else 1
+    gt = _tensor(g)
+    if gt is None or dim not in (-1, gt.ndim - 1) or not isinstance(start, int) or end != start + 1 or step != 1:
+        return f"{expert.root}: the gate is not a column slice G[..., c:c+1]"
+    return g, mul, start
+
+
+def _add_leaves(node: fx.Node, path: str, out: list[fx.Node]) -> None:
+    if node.target == aten.add.Tensor and _within(_path(node), path) and len(node.args) == 2 \
+            and all(isinstance(a, fx.Node) for a in node.args):
+        for a in node.args:
+            if a.target == aten.add.Tensor and len(a.users) > 1:
+                out.append(a)
+            else:
+                _add_leaves(a, path, out)
+    else:
+        out.append(node)
+
+
+def _routing(gates: fx.Node, x: fx.Node) -> str:
+    """The ops computing the gates from ``x``, router MatMul included: e.g. ``matmul→add→relu``."""
+    seen: set[fx.Node] = set()
+    stack = [gates]
+    while stack:
+        node = stack.pop()
+        if node in seen or node is x or node.op != "call_function":
+            continue
+        seen.add(node)
+        if node.target != aten.matmul.default:      # stop at the router
+            stack.extend(node.all_input_nodes)
+    return "→".join(str(n.target).replace("aten.", "").split(".")[0] for n in gates.graph.nodes
+                    if n in seen and n.target is not operator.getitem)
+
+
+def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str]]:
+    """Every packable MoE site of ``gm`` and, for module lists that are not one, the reason."""
+    members: dict[str, dict[int, list[fx.Node]]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        parts = _path(node).split(".")
+        for i in range(1, len(parts) + 1):
+            m = _MEMBER.match(".".join(parts[:i]))
+            if m:
+                members.setdefault(m["list"], {}).setdefault(int(m["idx"]), []).append(node)
+    sites, reasons = [], []
+    for name, group in members.items():
+        if len(group) < 2:
+            continue
+        result = _match_site(gm, name, group)
+        (sites.append if isinstance(result, Site) else reasons.append)(result)
+    return sites, reasons
+
+
+def _match_site(gm: fx.GraphModule, name: str, group: dict[int, list[fx.Node]]) -> Site | str:
+    label = f"{name}.[{min(group)}-{max(group)}]"
+    inputs = [_inputs(nodes) for nodes in group.values()]
+    if any(len(i) != 1 for i in inputs) or len(set().union(*inputs)) != 1:
+        return f"{label}: the members do not all read one shared input (not parallel experts)"
+    matched = [_match_expert(gm, f"{name}.{j}", group[j]) for j in sorted(group)]
+    experts = [e for e in matched if isinstance(e, Expert)]
+    if len(experts) != len(matched):
+        return f"{label}: {next(e for e in matched if isinstance(e, str))}"
+    columns = [_gate_column(e) for e in experts]
+    gated = [g for g in columns if not isinstance(g, str)]
+    if len(gated) != len(columns):
+        return f"{label}: {next(g for g in columns if isinstance(g, str))}"
+    gates = {g[0] for g in gated}
+    cols = [g[2] for g in gated]
+    gt = _tensor(next(iter(gates)))
+    if len(gates) != 1 or gt is None or sorted(cols) != list(range(gt.shape[-1])):
+        return f"{label}: the gates are not the columns 0..E-1 of one gate tensor"
+    site_path = name.rsplit(".", 1)[0] if "." in name else ""
+    muls = {g[1] for g in gated}
+    root = next(iter(muls))
+    while (u := _only_user(root)) is not None and u.target == aten.add.Tensor and _within(_path(u), site_path):
+        root = u
+    leaves: list[fx.Node] = []
+    _add_leaves(root, site_path, leaves)
+    if not muls <= set(leaves):
+        return f"{label}: the gated expert outputs are not summed by one chain of adds"
+    x = experts[0].x
+    shared: list[Expert] = []
+    extras: list[fx.Node] = []
+    for leaf in (n for n in leaves if n not in muls):
+        # an addend computed by another module of the site on the same x: a shared expert?
+        rest = _path(leaf)[len(site_path) + 1:].split(".")[0] if _within(_path(leaf), site_path) else ""
+        module = f"{site_path}.{rest}"
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function" and _within(_path(n), module)] if rest else []
+        cand = _match_expert(gm, module, nodes) if nodes else "not a module"
+        if isinstance(cand, Expert) and cand.output is leaf and cand.x is x \
+                and cand.signature() == experts[0].signature():
+            shared.append(cand)
+        else:
+            extras.append(leaf)
+    routed = [e for _, e in sorted(zip(cols, experts), key=lambda p: p[0])]
+    if len({e.signature() for e in routed}) != 1:
+        return f"{label}: the experts differ in structure or weight shapes"
+    gate_node = next(iter(gates))
+    return Site(site_path, name, x, gate_node, shared + routed, len(shared), root, extras,
+                _routing(gate_node, x))
+
+
+class PackedExperts(nn.Module):
+    """The experts of one site packed: ``forward(x [T,B,I], gates [T,B,R]) -> [T,B,O]``."""
+
+    def __init__(self, form: str, experts: list[Expert], shared: int) -> None:
+        super().__init__()
+        self.form, self.kind, self.shared, self.num = form, experts[0].kind, shared, len(experts)
+        self.act = experts[0].act
+        tokens = experts[0].weights["w_out"].shape[0]       # type: ignore[union-attr]
+
+        def pack(key: str, axis: int) -> nn.Parameter | None:
+            if experts[0].weights[key] is None:
+                return None
+            # biases as [T,1,O] (what _fits admitted), so both forms broadcast them per token
+            ws = [w if key[0] == "w" else w.expand(tokens, 1, w.shape[-1])  # type: ignore[union-attr]
+                  for w in (e.weights[key] for e in experts)]
+            stacked = torch.stack(ws, 0) if form == "stacked" else torch.cat(ws, axis)  # type: ignore[arg-type]
+            return nn.Parameter(stacked, requires_grad=False)
+
+        self.w_in = pack("w_in", -1)      # [T,I,E·h]  | [E,T,I,h]
+        self.b_in = pack("b_in", -1)      # [T,1,E·h]  | [E,T,1,h]
+        self.w_up = pack("w_up", -1)      # [T,I,E·h]  | [E,T,I,h]   (SwiGLU)
+        self.w_out = pack("w_out", -2)    # [T,E·h,O]  | [E,T,h,O]
+        self.b_out = pack("b_out", 1)     # [T,E,O]    | [E,T,1,O]
+
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return F.silu(torch.matmul(x, self.w_in)) * torch.matmul(x, self.w_up)
+        h = torch.matmul(x, self.w_in)
+        op, args, kwargs = self.act   # type: ignore[misc]
+        return op(h if self.b_in is None else h + self.b_in, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        if self.shared:                                       # always-on experts: gate 1
+            ones = torch.ones_like(gates[..., :1])
+            gates = torch.cat([ones] * self.shared + [gates], -1)          # [T,B,E]
+        if self.form == "stacked":
+            y = torch.matmul(self._hidden(x.unsqueeze(0)), self.w_out)    # [E,T,B,O]
+            y = y if self.b_out is None else y + self.b_out
+            return (y * gates.permute(2, 0, 1).unsqueeze(-1)).sum(0)       # [T,B,O]
+        h = self._hidden(x)                                               # [T,B,E·h]
+        h = (h.unflatten(-1, (self.num, -1)) * gates.unsqueeze(-1)).flatten(-2)
+        y = torch.matmul(h, self.w_out)                                   # [T,B,O]
+        return y if self.b_out is None else y + torch.matmul(gates, self.b_out)
+
+    def shapes(self) -> dict[str, list[int]]:
+        return {k: list(p.shape) for k, p in self.named_parameters()}
+
+
+def _op_counts(graph: fx.Graph) -> dict[str, int]:
+    hist = Counter(str(n.target).replace("aten.", "") for n in graph.nodes if n.op == "call_function")
+    return dict(sorted(hist.items()))
+
+
+def _rewrite(gm: fx.GraphModule, site: Site, form: str, index: int) -> PackedExperts:
+    packed = PackedExperts(form, site.experts, site.shared)
+    target = f"{site.path}.packed_experts" if site.path else f"packed_experts_{index}"
+    gm.add_submodule(target, packed)
+    with gm.graph.inserting_before(site.root):
+        new = gm.graph.call_module(target, (site.x, site.gates))
+        for extra in site.extras:
+            new = gm.graph.call_function(aten.add.Tensor, (new, extra))
+    site.root.replace_all_uses_with(new)
+    return packed
+
+
+def _example_feeds(specs: tuple[TensorSpec, ...]) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, Any]]]:
+    """Valid random inputs and the dynamic-shape spec: one ``Dim`` per symbolic dim name."""
+    rng = np.random.default_rng(0)
+    names = sorted({d for s in specs for d in s.shape if isinstance(d, str)})
+    sizes = dict(zip(names, (5, 7, 11, 13, 17, 19)))   # odd, distinct: no 0/1 or equality specialisation
+    dims = {n: torch.export.Dim(n, min=1) for n in names}
+    feeds, dynamic = {}, {}
+    for s in specs:
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in s.shape)
+        if s.dtype.startswith("int"):
+            high = np.broadcast_to(np.asarray(s.vocab if s.vocab is not None else 1), shape)
+            feeds[s.name] = torch.from_numpy((rng.random(shape) * high).astype(s.dtype))
+        else:
+            feeds[s.name] = torch.from_numpy(rng.standard_normal(shape).astype(s.dtype))
+        dynamic[s.name] = {i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)}
+    return feeds, dynamic
+
+
+def pack_moe_experts(bundle: Bundle, options: Options) -> PassResult:
+    """Pack every Sparse-MoE site of every program segment into stacked expert weights (form per
+    ``options.form``); returns a new bundle with freshly exported programs, the input is untouched.
+
+    Cases handled (a site needs all of them; one that misses any is skipped, and when none is left
+    :func:`requires` gives the reason for every module list it looked at):
+
+    - experts are members ``<site>.<list>.<j>`` of an ``nn.ModuleList`` (found via the nodes'
+      ``nn_module_stack``), all reading the same token-major tensor ``x [T,B,I]``, with per-token
+      weights ``[T, I, O]`` (``get_attr`` parameters);
+    - expert body: an MLP ``act(x@W1 (+b1)) @ W2 (+b2)`` with ``act`` one of GELU (any approximation),
+      ReLU, SiLU — RankMixer Sparse-MoE, biases included — or a SwiGLU
+      ``(silu(x@Wg) * (x@Wu)) @ Wd`` — TokenMixer-Large sub-experts; all experts of a site alike;
+    - each expert output is multiplied by a column slice ``G[..., c:c+1]`` of one gate tensor
+      ``G [T,B,R]`` (one column per expert), whatever computes ``G`` (ReLU routing with DTSI, top-k
+      softmax + scatter times α, ...), and the products are summed by a chain of adds;
+    - an addend of that sum that is the output of another expert-like module of the same site reading
+      the same ``x`` (TokenMixer-Large's shared expert) is packed as an always-on expert (gate 1); any
+      other addend is kept and added to the packed output.
+
+    Not handled (skipped, with the reason): experts with 2-D (shared-across-token) weights, gates
+    read with ``select``/``index`` instead of a column slice, outputs combined by stack + gather.
+    """
+    if options.form not in FORMS:
+        raise BadInputError(f"pack-moe-experts: unknown form {options.form!r}; expected one of {FORMS}",
+                            "e.g. --option pack-moe-experts.form=hidden-slice")
+    segments, report = [], {"form": options.form, "segments": []}
+    for seg in bundle.segments:
+        gm = seg.program.module()    # a fresh module: rewriting it leaves seg.program untouched
+        sites, _ = find_sites(gm)
+        if not sites:
+            segments.append(seg)
+            continue
+        entries = [{"site": site.path, "kind": site.experts[0].kind, "experts": len(site.experts),
+                    "shared": site.shared, "routing": site.routing, "extra_addends": len(site.extras),
+                    "weights": _rewrite(gm, site, options.form, i).shapes()} for i, site in enumerate(sites)]
+        gm.graph.eliminate_dead_code()
+        for site in sites:                        # drop the per-expert modules nothing reads any more
+            for module in [site.members] + [e.root for e in site.experts[:site.shared]]:
+                if not any(n.op == "get_attr" and _within(str(n.target), module) for n in gm.graph.nodes):
+                    gm.delete_submodule(module)
+        gm.recompile()
+        feeds, dynamic = _example_feeds(seg.inputs)
+        program = torch.export.export(gm, (), kwargs=feeds, dynamic_shapes=dynamic, strict=False)
+        before, after = _op_counts(seg.program.graph), _op_counts(program.graph)
+        report["segments"].append({
+            "segment": seg.name, "sites": entries,
+            "matmul_before": before.get("matmul.default", 0), "matmul_after": after.get("matmul.default", 0),
+            "ops_before": sum(before.values()), "ops_after": sum(after.values())})
+        segments.append(dataclasses.replace(seg, program=program))
+    report["sites"] = sum(len(s["sites"]) for s in report["segments"])
+    report["experts"] = sum(e["experts"] for s in report["segments"] for e in s["sites"])
+    report["note"] = ("dense masking: every expert runs and the router's gates weight it; exact for any "
+                      "gating, static shapes (no NonZero/Loop/If)")
+    return PassResult(bundle.replace(segments=tuple(segments)), report, changed=report["sites"] > 0)
+
+
+def requires(bundle: Bundle) -> None:
+    """At least one segment holds a packable MoE site; otherwise say what was looked at."""
+    if bundle.stage != "program":
+        raise PreconditionError(f"pack-moe-experts works on the torch.export program; the bundle is at "
+                                f"the {bundle.stage} stage", "run it before any ONNX-stage pass")
+    found, why = 0, []
+    for seg in bundle.segments:
+        if seg.program is None:
+            why.append(f"segment {seg.name!r} has no program")
+            continue
+        sites, reasons = find_sites(seg.program.module())
+        found += len(sites)
+        why += [f"{seg.name}: {r}" for r in reasons]
+    if not found:
+        raise PreconditionError(
+            "pack-moe-experts expected a Sparse-MoE: E >= 2 expert MLPs/SwiGLUs in an nn.ModuleList "
+            "reading one token tensor, each multiplied by a column of a router gate tensor and summed; "
+            "found none" + (f" (module lists checked: {'; '.join(why)})" if why else " (no module lists)"),
+            "this pass applies to rankmixer-moe and tokenmixer-large with moe=True; drop it for dense models")
+
+
+PASS = PassInfo(name="pack-moe-experts", stage="program", run=pack_moe_experts, options=Options,
+                requires=requires)
