@@ -1,0 +1,294 @@
+"""``extract-kv-cache`` (LONGER serving): compute the behaviour sequence's K/V once per user, keep them
+in a per-user cache across requests, and run only the candidates' queries against them.
+
+Cases handled:
+- attention is found in both forms: ``scaled_dot_product_attention`` and the decomposed
+  ``matmul(q, kᵀ) → (scale, bias) → softmax → matmul(·, v)``;
+- roles are propagated as in ``split-user-item``; the user-side values that the per-candidate side
+  reads are split into the **cache** — tensors with a per-position sequence axis (the K/V of the
+  merged behaviours, their padding mask) — and the **user state** (the rest: e.g. the K/V of
+  user-only global tokens and of the recent-behaviour queries of later layers);
+- three segments: ``cache`` (sequence → cache tensors, dynamic sequence axis), ``user`` (user
+  inputs + cache → state; omitted when there is no state) and ``item`` (cache + state + item
+  inputs + ``user_index`` → scores, the per-user tensors gathered to the candidates in-graph);
+- **append**: when the cache built for a window equals the concatenation of the caches of its two
+  halves (checked numerically here, at a group boundary), the K/V of a position depend only on that
+  position: new behaviours can be appended (and old ones slid out) without recomputing the rest.
+  The manifest says ``appendable`` and the runtime then extends a cached user incrementally.
+
+Refused with a precondition error: no attention over the sequence; a static sequence axis (the
+program must be exported with a dynamic ``seq`` axis); and BST-style models, where the candidate
+sits inside the sequence's self-attention so that the sequence's K/V depend on item inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from mixexport.bundle import Bundle, CacheSpec, Segment
+from mixexport.errors import PreconditionError
+from mixexport.partition import (Analysis, SegmentBuilder, analyze, batch_axis, boundary, dim_minimums,
+                                 export_segment, expr, gather_rows, segment_flops, tensor_spec)
+from mixexport.passes import PassInfo, PassResult
+from mixexport.passes.split_user_item import (USER_INDEX, _run, _single_full_segment, _where, check_composition,
+                                             rename_batch)
+from mixexport.specs import TensorSpec
+
+SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default}
+MATMUL = {torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
+SCORE_OPS = {torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor,
+             torch.ops.aten.sub.Tensor, torch.ops.aten.mul.Scalar, torch.ops.aten.div.Scalar,
+             torch.ops.aten.masked_fill.Scalar, torch.ops.aten.where.self}
+VIEW_OPS = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.t.default}
+PREDICT_AT = (1, 16, 64, 256, 1024)
+
+
+@dataclass(frozen=True)
+class Options:
+    """``check_atol``: tolerance of the split-vs-unsplit and append checks."""
+
+    check_atol: float = 1e-5
+
+
+@dataclass
+class Plan:
+    analysis: Analysis
+    seq_input: str
+    groups_expr: str
+    cache: list[fx.Node]
+    state: list[fx.Node]
+    attentions: list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]
+
+
+def _strip_views(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and node.target in VIEW_OPS:
+        node = node.args[0]
+    return node
+
+
+def find_attention(a: Analysis) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]:
+    """(attention node, queries, keys, values) for every SDPA and matmul-softmax-matmul pattern."""
+    found = []
+    for node in a.gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target == torch.ops.aten.scaled_dot_product_attention.default:
+            found.append((node, node.args[0], node.args[1], node.args[2]))
+        elif node.target in SOFTMAX:
+            cur = node.args[0]
+            while cur.op == "call_function" and cur.target in SCORE_OPS:
+                cur = next((x for x in cur.args if isinstance(x, fx.Node) and a.roles.get(x) != "const"
+                            and a.roles.get(x) != "size"), cur.args[0])
+            if cur.op != "call_function" or cur.target not in MATMUL:
+                continue
+            out = next((u for u in node.users if u.op == "call_function" and u.target in MATMUL and u.args[0] is node), None)
+            if out is not None:
+                found.append((out, cur.args[0], _strip_views(cur.args[1]), out.args[1]))
+    return found
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def plan(bundle: Bundle) -> Plan:
+    """Find the sequence attention, check cacheability, and sort the boundary into cache and state."""
+    seg = _single_full_segment(bundle, "extract-kv-cache")
+    seqs = [s for s in seg.inputs if s.role == "sequence"]
+    if not seqs:
+        raise PreconditionError(f"extract-kv-cache needs a behaviour-sequence input (role 'sequence'), found "
+                                f"roles {sorted({s.role for s in seg.inputs})}", "name it seq_* or use --roles")
+    seq = seqs[0]
+    a = analyze(seg.program, seg.inputs)
+    ph = a.placeholders[seq.name]
+    attn = [t for t in find_attention(a) if any(ph in _ancestors(x) for x in t[1:])]
+    if not attn:
+        raise PreconditionError(f"extract-kv-cache found no attention over the sequence input {seq.name!r} "
+                                f"({len(find_attention(a))} attention patterns in the graph)",
+                                "this pass is for LONGER-style models; build without it")
+    seq_symbols = _symbols(ph.meta["val"].shape[1:2])
+    # BST: sequence positions are queries of an attention whose keys carry the candidate
+    mixed = [t for t in attn if a.roles[t[2]] == "item" and ph in _ancestors(t[1])
+             and seq_symbols & _symbols(t[1].meta["val"].shape)]
+    if mixed or not any(_keys_cacheable(a, k, ph) for _, _, k, _ in attn):
+        node, _, k, _ = (mixed or attn)[0]
+        items = sorted(p.name for p in _ancestors(k) if p.op == "placeholder" and a.roles[p] == "item")
+        raise PreconditionError(
+            f"extract-kv-cache: in the sequence attention at {_where(node)} the behaviours attend to keys that "
+            f"depend on item inputs {items}: the candidate sits inside the sequence's self-attention "
+            "(BST-style), so every sequence position's output changes with the candidate and cannot be cached",
+            "keep the candidate out of the sequence's attention (LONGER: sequence tokens never attend to it)")
+    seq_len = _shape(ph)[1] if len(_shape(ph)) > 1 else None
+    if seq_len is None or seq_len.isdigit():
+        raise PreconditionError(f"extract-kv-cache needs a dynamic sequence axis on {seq.name!r}; the program "
+                                f"has a static one ({seq_len})",
+                                "export with dynamic_shapes giving the sequence axis a Dim (reference families do)")
+    groups_expr = _per_position_expr(seq_len)
+    cut = boundary(a)
+    cache = [n for n in cut if groups_expr in _shape(n)]
+    state = [n for n in cut if n not in cache]
+    if not cache:
+        raise PreconditionError(f"extract-kv-cache: no user-side tensor with a per-position sequence axis "
+                                f"({groups_expr}) reaches the per-candidate side", "nothing to cache")
+    return Plan(a, seq.name, groups_expr, cache, state, attn)
+
+
+def _keys_cacheable(a: Analysis, keys: fx.Node, seq_ph: fx.Node) -> bool:
+    """The keys are user-side, or a concatenation (along the key axis) with a user-side block that
+    comes from the sequence — as when a candidate's own K/V are joined to the cached ones. Keys
+    projected from a tensor that already mixes sequence and candidate (BST) are neither."""
+    if a.roles[keys] == "user":
+        return True
+    return keys.op == "call_function" and keys.target == torch.ops.aten.cat.default and any(
+        a.roles.get(x) == "user" and seq_ph in _ancestors(x) for x in keys.all_input_nodes)
+
+
+def _symbols(shape: Any) -> set[str]:
+    """Names of the free symbols in a shape's symbolic sizes."""
+    return {f.name for d in shape if isinstance(d, torch.SymInt) for f in d.node.expr.free_symbols}
+
+
+def _shape(n: fx.Node) -> list[str]:
+    return [expr(d) for d in n.meta["val"].shape]
+
+
+def _per_position_expr(seq_expr: str) -> str:
+    """``4*s12`` → ``s12`` (positions are merged groups of 4); ``s12`` → ``s12``."""
+    head, star, tail = seq_expr.partition("*")
+    return tail if star and head.isdigit() else seq_expr
+
+
+def requires(bundle: Bundle) -> None:
+    plan(bundle)
+
+
+def extract_kv_cache(bundle: Bundle, options: Options) -> PassResult:
+    """Split into cache / user / item segments and declare the per-user KV cache."""
+    p = plan(bundle)
+    a, seg = p.analysis, bundle.segments[0]
+    multiples = dict(bundle.source.multiples)
+    k = multiples.get("seq", ("groups", 1))[1]
+    dims = {a.batch_expr: "users", p.groups_expr: "groups", _shape(a.placeholders[p.seq_input])[1]: "seq"}
+    cache_specs = tuple(tensor_spec(n, f"cache_{i}", "cache", dims) for i, n in enumerate(p.cache))
+    state_specs = tuple(tensor_spec(n, f"state_{i}", "state", dims) for i, n in enumerate(p.state))
+    user_inputs = rename_batch(tuple(s for s in seg.inputs if s.user_side), "users")
+    item_specs = rename_batch(tuple(s for s in seg.inputs if not s.user_side), "candidates")
+
+    def builder_with_inputs(names: set[str]) -> tuple[SegmentBuilder, tuple[TensorSpec, ...]]:
+        b = SegmentBuilder(a)
+        used = tuple(s for s in user_inputs if s.name in names)
+        for s in used:
+            b.bind(a.placeholders[s.name], b.input(s.name, a.placeholders[s.name]))
+        return b, used
+
+    needed = {n.name for c in p.cache for n in _ancestors(c) if n.op == "placeholder"}
+    cb, cache_inputs = builder_with_inputs(needed)
+    cache_gm = cb.module(p.cache)
+    segments_gm: list[tuple[str, fx.GraphModule, tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = [
+        ("cache", cache_gm, cache_inputs, cache_specs)]
+    if p.state:
+        needed_u = {n.name for s in p.state for n in _ancestors(s) if n.op == "placeholder"}
+        ub, u_inputs = builder_with_inputs(needed_u)
+        for node, spec in zip(p.cache, cache_specs):
+            ub.bind(node, ub.input(spec.name, node))
+        segments_gm.append(("user", ub.module(p.state), u_inputs + cache_specs, state_specs))
+    ib = SegmentBuilder(a)
+    per_user = [(n, s) for n, s in zip(p.cache + p.state, cache_specs + state_specs)]
+    placeholders = [(n, ib.input(s.name, n, size_axes=[i for i, d in enumerate(s.shape) if d != "users"]))
+                    for n, s in per_user]
+    for s in item_specs:
+        ib.bind(a.placeholders[s.name], ib.input(s.name, a.placeholders[s.name]))
+    index = ib.input(USER_INDEX.name, [a.batch_expr])
+    for node, ph in placeholders:
+        ib.bind(node, gather_rows(ib, ph, batch_axis(node, a.batch_expr), index))
+    item_inputs = cache_specs + state_specs + item_specs + (USER_INDEX,)
+    outputs = rename_batch(seg.outputs, "candidates")
+    segments_gm.append(("item", ib.module(a.outputs), item_inputs, outputs))
+
+    request = bundle.source.example_request(2, 5, seed=13)
+    values: dict[str, np.ndarray] = {**request.user, **request.item, USER_INDEX.name: request.user_index}
+    programs = {}
+    for name, gm, ins, outs in segments_gm:
+        feeds = {s.name: values[s.name] for s in ins}
+        programs[name] = export_segment(gm, ins, feeds, multiples, dim_minimums(seg.program, dims))
+        values.update(_run(programs[name], feeds, outs))
+    diff = check_composition("extract-kv-cache", {o.name: values[o.name] for o in outputs},
+                             _run(seg.program, request.rows(), seg.outputs), bundle.precision, options.check_atol)
+    axes = {s.name: s.shape.index("groups") for s in cache_specs}
+    from mixexport.verification.compare import DEFAULT_TOLERANCES
+
+    append_atol = options.check_atol if bundle.precision == "fp32" else DEFAULT_TOLERANCES[bundle.precision][1]
+    append = _append_check(programs["cache"], cache_inputs, cache_specs, axes, request, p.seq_input, k, append_atol)
+    cache = CacheSpec(name="kv", producer="cache", tensors=cache_specs, seq_axis=axes, input=p.seq_input,
+                      items_per_position=k, appendable=append["appendable"],
+                      bytes_per_position=sum(_bytes_per_position(s) for s in cache_specs))
+    new = tuple(Segment(name, name, ins, outs, program=programs[name]) for name, _, ins, outs in segments_gm)
+    report = _report(p, seg, programs, segments_gm, request, cache, append, diff, state_specs)
+    return PassResult(bundle.replace(segments=new, caches=(cache,)), report)
+
+
+def _bytes_per_position(spec: TensorSpec) -> int:
+    return int(np.prod([d for d in spec.shape if isinstance(d, int)])) * np.dtype(spec.dtype).itemsize
+
+
+def _append_check(program: Any, inputs: tuple[TensorSpec, ...], outs: tuple[TensorSpec, ...], axes: dict[str, int],
+                  request: Any, seq_name: str, k: int, atol: float) -> dict[str, Any]:
+    """Cache of a window == concatenation of the caches of its two halves (at a group boundary)?"""
+    feeds = {s.name: request.user[s.name][:1] for s in inputs}
+    seq = feeds[seq_name]
+    cut = (seq.shape[1] // k // 2) * k
+    if cut == 0:
+        return {"appendable": False, "reason": "the sample window has a single position"}
+    whole = _run(program, feeds, outs)
+    first = _run(program, {**feeds, seq_name: seq[:, :cut]}, outs)
+    second = _run(program, {**feeds, seq_name: seq[:, cut:]}, outs)
+    diff = max(float(np.max(np.abs(np.concatenate([first[s.name], second[s.name]], axis=axes[s.name]) - whole[s.name])))
+               for s in outs)
+    ok = diff <= atol
+    return {"appendable": ok, "max_abs_diff": diff, "split_at_item": cut,
+            "reason": "K/V of a position depend only on that position" if ok else
+            "the cache of a position depends on other positions (e.g. absolute positions or a sequence-wide "
+            "normalisation): appending would need a full recompute"}
+
+
+def _report(p: Plan, seg: Segment, programs: dict[str, Any], segments_gm: list[Any], request: Any,
+            cache: CacheSpec, append: dict[str, Any], diff: float,
+            state_specs: tuple[TensorSpec, ...]) -> dict[str, Any]:
+    values: dict[str, np.ndarray] = {**{k: v[:1] for k, v in request.user.items()},
+                                     **{k: v[:1] for k, v in request.item.items()},
+                                     USER_INDEX.name: np.zeros(1, dtype=np.int64)}
+    flops = {}
+    for name, _, ins, outs in segments_gm:
+        feeds = {s.name: values[s.name] for s in ins}
+        flops[name] = segment_flops(programs[name], feeds)
+        values.update(_run(programs[name], feeds, outs))
+    full = segment_flops(seg.program, {k: v[:1] for k, v in request.rows().items()})
+    seq_len = request.user[p.seq_input].shape[1]
+    positions = seq_len // cache.items_per_position
+    per_user = flops["cache"] + flops.get("user", 0)
+    return {
+        "cache": {"tensors": [t.to_json() for t in cache.tensors], "axes": cache.seq_axis,
+                  "bytes_per_position": cache.bytes_per_position,
+                  "bytes_per_user_at_sample": cache.bytes_per_position * positions, "sample_seq_len": seq_len},
+        "state": [s.to_json() for s in state_specs],
+        "append": append, "check_max_abs_diff": diff, "attention_patterns": len(p.attentions),
+        "flops": {"cache_per_user": flops["cache"], "user_per_user": flops.get("user", 0),
+                  "item_per_candidate": flops["item"], "unsplit_per_row": full},
+        "predicted_speedup": {str(n): {"vs_unsplit_on_miss": n * full / (per_user + n * flops["item"]),
+                                       "hit_vs_miss": (per_user + n * flops["item"]) /
+                                       (flops.get("user", 0) + n * flops["item"])} for n in PREDICT_AT},
+    }
+
+
+PASS = PassInfo(name="extract-kv-cache", stage="program", run=extract_kv_cache, options=Options, requires=requires)
