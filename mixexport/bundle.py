@@ -36,7 +36,7 @@ from mixexport.specs import TensorSpec
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 STAGES = ("program", "onnx")
-SEGMENT_ROLES = ("full", "user", "item")
+SEGMENT_ROLES = ("full", "cache", "user", "item")
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,16 @@ class Segment:
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """A per-user cache the item segment reads (e.g. the K/V of the behaviour sequence)."""
+    """A per-user cache the later segments read (e.g. the K/V of the behaviour sequence): built by
+    the ``producer`` segment from the sequence ``input``, one position per ``items_per_position``
+    behaviours along each tensor's ``seq_axis``; ``appendable`` when positions are independent."""
 
     name: str
-    producer: str                 # segment that computes it
+    producer: str
     tensors: tuple[TensorSpec, ...]
-    seq_axis: int
+    seq_axis: dict[str, int]
+    input: str
+    items_per_position: int
     bytes_per_position: int
     appendable: bool
 

@@ -48,7 +48,31 @@ def to_onnx(program: torch.export.ExportedProgram, inputs: tuple[TensorSpec, ...
                             "the model uses an operator the dynamo ONNX exporter cannot translate") from None
     log.debug("exporter output: %s", sink.getvalue())
     _name_dims(model, inputs, outputs)
+    _cast_outputs_to_spec(model, outputs)
     return model
+
+
+def _cast_outputs_to_spec(model: onnx.ModelProto, outputs: tuple[TensorSpec, ...]) -> None:
+    """Give every graph output its spec's dtype. The exporter can leave a half-precision reduction's
+    result in float32 (``aten.sum`` on fp16 becomes Cast-to-float → ReduceSum with no cast back), so
+    a segment boundary would change dtype between the user and the item segment."""
+    from onnx import helper
+
+    by_name = {vi.name: vi for vi in model.graph.output}
+    for spec in outputs:
+        vi = by_name.get(spec.name)
+        want = (onnx.TensorProto.BFLOAT16 if spec.dtype == "bfloat16"
+                else helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype)))
+        if vi is None or vi.type.tensor_type.elem_type in (0, want):
+            continue
+        if not any(spec.name in node.output for node in model.graph.node):
+            continue  # an output that is a graph input or initializer as-is: nothing to re-type
+        raw = f"{spec.name}__before_cast"
+        for node in model.graph.node:
+            node.output[:] = [raw if o == spec.name else o for o in node.output]
+            node.input[:] = [raw if i == spec.name else i for i in node.input]
+        model.graph.node.append(helper.make_node("Cast", [raw], [spec.name], to=want, name=f"{spec.name}__cast"))
+        vi.type.tensor_type.elem_type = want
 
 
 def _name_dims(model: onnx.ModelProto, inputs: tuple[TensorSpec, ...],

@@ -121,14 +121,31 @@ def batch_axis(node: fx.Node, batch_expr: str) -> int:
 
 
 def tensor_spec(node: fx.Node, name: str, role: str, dim_names: Mapping[str, str]) -> TensorSpec:
-    """The spec of a boundary value, its symbolic axes named through ``dim_names`` (expr → name)."""
+    """The spec of a boundary value, its symbolic axes named through ``dim_names`` (expr → name).
+
+    An axis that is an expression of named dims (e.g. ``groups + 3``: the global tokens followed by
+    the merged sequence) keeps that expression with the names substituted.
+    """
+    import sympy
+
     val = _tensor_val(node)
-    shape = tuple(dim_names.get(expr(d), expr(d)) if isinstance(d, torch.SymInt) else int(d) for d in val.shape)
-    bad = [d for d in shape if isinstance(d, str) and d not in dim_names.values()]
-    if bad:
-        raise BadInputError(f"cannot cut at {node.name}: axis sizes {bad} are neither static nor a known dim",
-                            "keep tensors crossing segments static except for batch/sequence axes")
-    return TensorSpec(name, str(val.dtype).replace("torch.", ""), shape, role)
+    shape: list[int | str] = []
+    for d in val.shape:
+        if not isinstance(d, torch.SymInt):
+            shape.append(int(d))
+            continue
+        e = d.node.expr
+        if str(e) in dim_names:
+            shape.append(dim_names[str(e)])
+            continue
+        symbols = {f: sympy.Symbol(dim_names[f.name]) for f in e.free_symbols if f.name in dim_names}
+        named = e.subs(symbols)
+        if not named.free_symbols <= set(symbols.values()):
+            raise BadInputError(f"cannot cut at {node.name}: axis size {e} is neither static nor an expression of "
+                                f"the known dims {sorted(dim_names.values())}",
+                                "keep tensors crossing segments static except for batch/sequence axes")
+        shape.append(str(named))
+    return TensorSpec(name, str(val.dtype).replace("torch.", ""), tuple(shape), role)
 
 
 class SegmentBuilder:
@@ -216,31 +233,53 @@ def gather_rows(builder: SegmentBuilder, state: fx.Node, axis: int, index: fx.No
 
 
 def export_segment(gm: fx.GraphModule, specs: tuple[TensorSpec, ...], feeds: Mapping[str, np.ndarray],
-                   multiples: Mapping[str, tuple[str, int]] | None = None) -> torch.export.ExportedProgram:
+                   multiples: Mapping[str, tuple[str, int]] | None = None,
+                   minimums: Mapping[str, int] | None = None) -> torch.export.ExportedProgram:
     """Re-export a segment graph; every symbolic axis in ``specs`` becomes a named dynamic Dim.
 
     ``multiples`` declares derived axes: ``{"seq": ("groups", 4)}`` exports seq as 4·groups.
     """
-    dims: dict[str, Any] = {}
+    from mixexport.source import dynamic_shapes
 
-    def dim(name: str) -> Any:
-        if name not in dims:
-            if multiples and name in multiples:
-                base, k = multiples[name]
-                dims[name] = k * dim(base)
-            else:
-                dims[name] = torch.export.Dim(name.replace("/", "_"), min=1)
-        return dims[name]
-
-    dynamic = {s.name: {i: dim(d) for i, d in enumerate(s.shape) if isinstance(d, str)} for s in specs}
+    dynamic = dynamic_shapes(specs, multiples, minimums)
     kwargs = {s.name: torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in specs}
     return torch.export.export(gm, (), kwargs=kwargs, dynamic_shapes=dynamic, strict=False)
 
 
-def segment_flops(module: Callable[..., Any], feeds: Mapping[str, np.ndarray]) -> int:
-    """FLOPs of one call (torch's flop counter: matmuls and attention)."""
+def input_dim_names(program: torch.export.ExportedProgram, specs: tuple[TensorSpec, ...],
+                    multiples: Mapping[str, tuple[str, int]] | None = None) -> dict[str, str]:
+    """Symbol → dim name for the program's inputs (``s37`` → ``batch``; for ``seq`` = K·``groups``,
+    the base symbol → ``groups`` and ``K*s84`` → ``seq``)."""
+    out: dict[str, str] = {}
+    phs = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for spec in specs:
+        val = phs[spec.name].meta.get("val") if spec.name in phs else None
+        for d, name in zip(getattr(val, "shape", ()), spec.shape):
+            if isinstance(d, torch.SymInt) and isinstance(name, str):
+                out[expr(d)] = name
+                if multiples and name in multiples:
+                    for sym in d.node.expr.free_symbols:
+                        out[sym.name] = multiples[name][0]
+    return out
+
+
+def dim_minimums(program: torch.export.ExportedProgram, dim_names: Mapping[str, str]) -> dict[str, int]:
+    """Lower bounds the original program proved for its symbols (e.g. ``groups >= recent``), by name."""
+    out = {}
+    for sym, vr in program.range_constraints.items():
+        name = dim_names.get(str(sym))
+        if name is not None and str(vr.lower).lstrip("-").isdigit():
+            out[name] = int(vr.lower)
+    return out
+
+
+def segment_flops(program: torch.export.ExportedProgram, feeds: Mapping[str, np.ndarray]) -> int:
+    """FLOPs of one call of ``program`` (torch's flop counter: matmuls and attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    dtypes = {n.name: n.meta["val"].dtype for n in program.graph.nodes if n.op == "placeholder" and "val" in n.meta}
+    args = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+    args = {k: t.to(dtypes[k]) if k in dtypes else t for k, t in args.items()}
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        module(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()})
+        program.module()(**args)
     return int(counter.get_total_flops())

@@ -87,20 +87,27 @@ class Runtime:
 
     def __init__(self, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
                  segments: tuple[SegmentEntry, ...], sessions: Mapping[str, Session],
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, name: str = "bundle") -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, name: str = "bundle",
+                 caches: list[dict[str, Any]] | tuple[dict[str, Any], ...] = (),
+                 multiples: Mapping[str, Any] | None = None) -> None:
         self.inputs = inputs
         self.outputs = outputs
         self.segments = segments
         self.sessions = dict(sessions)
         self.name = name
         self.cache = UserStateCache(cache_bytes)
+        self.kv = UserStateCache(cache_bytes)  # per-user sequence caches: window rows + K/V tensors
+        self.kv_spec = dict(caches[0]) if caches else None
+        self.kv_stats = {"hits": 0, "appends": 0, "misses": 0}
+        self._kv_lock = threading.Lock()
+        self.multiples = {k: tuple(v) for k, v in (multiples or {}).items()}
         self.trace: dict[str, dict[str, np.ndarray]] | None = None  # set to record each segment's feeds
         self._user_specs = tuple(s for s in inputs if s.user_side)
         self._item_specs = tuple(s for s in inputs if not s.user_side)
         roles = {s.role for s in segments}
-        if roles not in ({"full"}, {"user", "item"}):
+        if roles not in ({"full"}, {"user", "item"}, {"cache", "item"}, {"cache", "user", "item"}):
             raise BadInputError(f"unsupported segment layout {sorted(roles)}",
-                                "a bundle has one full segment, or a user and an item segment")
+                                "a bundle has one full segment, or user/cache segments and an item segment")
         self._stack = ExitStack()
         for session in self.sessions.values():
             self._stack.enter_context(session)  # type: ignore[arg-type]
@@ -118,7 +125,8 @@ class Runtime:
             be = get_backend(backend or seg.backend, device)
             sessions[seg.name] = be.prepare(manifest, seg)
         return cls(manifest.inputs, manifest.outputs, manifest.segments, sessions, cache_bytes,
-                   name=backend or manifest.segments[0].backend)
+                   name=backend or manifest.segments[0].backend, caches=manifest.data.get("caches", []),
+                   multiples=manifest.data["model"].get("multiples"))
 
     @classmethod
     def reference(cls, source: Source) -> Runtime:
@@ -142,7 +150,13 @@ class Runtime:
     # -- scoring --------------------------------------------------------------------------
     def check(self, request: Request) -> None:
         """Raise :class:`BadInputError` naming the first input that does not match its spec."""
-        users = check_feeds(self._user_specs, request.user, what="user input").get("batch")
+        bound = check_feeds(self._user_specs, request.user, what="user input")
+        users = bound.get("batch")
+        for name, (base, k) in self.multiples.items():
+            if name in bound and bound[name] % k:
+                raise BadInputError(f"the {name} axis is {bound[name]}, expected a multiple of {k} ({k} items "
+                                    f"per {base[:-1] if base.endswith('s') else base})",
+                                    f"pad the sequence on the left with id 0 to a multiple of {k}")
         candidates = check_feeds(self._item_specs, request.item, what="item input").get("batch")
         idx = request.user_index
         if not isinstance(idx, np.ndarray) or idx.dtype != np.int64 or idx.ndim != 1:
@@ -171,34 +185,108 @@ class Runtime:
             self.trace[seg.name] = feeds
         return self.sessions[seg.name].run(feeds)
 
-    def _score_split(self, request: Request) -> dict[str, np.ndarray]:
-        user_seg = next(s for s in self.segments if s.role == "user")
-        item_seg = next(s for s in self.segments if s.role == "item")
-        state = self.user_state(request, user_seg)
-        feeds: dict[str, Any] = {s.name: state[s.name] for s in item_seg.inputs if s.name in state}
-        feeds.update({s.name: request.item[s.name] for s in item_seg.inputs if s.name in request.item})
-        if any(s.name == "user_index" for s in item_seg.inputs):
-            feeds["user_index"] = request.user_index
-        return self._run(item_seg, feeds)
+    def _segment(self, role: str) -> SegmentEntry | None:
+        return next((s for s in self.segments if s.role == role), None)
 
-    def user_state(self, request: Request, user_seg: SegmentEntry) -> dict[str, np.ndarray]:
-        """User-segment outputs for the request's users, from the cache where possible."""
+    def _score_split(self, request: Request) -> dict[str, np.ndarray]:
+        cache_seg, user_seg, item_seg = self._segment("cache"), self._segment("user"), self._segment("item")
+        values: dict[str, np.ndarray] = dict(request.item)
+        if cache_seg is not None:
+            values.update(self.sequence_cache(request, cache_seg))
+        if user_seg is not None:
+            values.update(self.user_state(request, user_seg, values))
+        values["user_index"] = request.user_index
+        return self._run(item_seg, {s.name: values[s.name] for s in item_seg.inputs})
+
+    def user_state(self, request: Request, user_seg: SegmentEntry,
+                   extra: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """User-segment outputs for the request's users, from the cache where possible. ``extra``
+        holds other per-user inputs of the segment (sequence caches), leading axis ``users``."""
+        extra = extra or {}
         names = [s.name for s in user_seg.inputs]
+        axes_in = {s.name: (s.shape.index("users") if "users" in s.shape else 0) for s in user_seg.inputs}
+        per_user = {**request.user, **{k: v for k, v in extra.items() if k in axes_in}}
         if request.user_ids is None:
-            return self._run(user_seg, {n: request.user[n] for n in names})
+            return self._run(user_seg, {n: per_user[n] for n in names})
         keys = [(uid, _digest(request.user, i)) for i, uid in enumerate(request.user_ids)]
         cached = [self.cache.get(key) for key in keys]
         axes = {s.name: (s.shape.index("users") if "users" in s.shape else 0) for s in user_seg.outputs}
         missing = [i for i, c in enumerate(cached) if c is None]
         if missing:
             rows = np.asarray(missing, dtype=np.int64)
-            fresh = self._run(user_seg, {n: request.user[n][rows] for n in names})
+            fresh = self._run(user_seg, {n: np.take(per_user[n], rows, axis=axes_in[n]) for n in names})
             for j, i in enumerate(missing):
                 entry = {k: np.take(v, [j], axis=axes[k]) for k, v in fresh.items()}
                 self.cache.put(keys[i], entry)
                 cached[i] = entry
         return {k: np.concatenate([c[k] for c in cached], axis=axes[k])  # type: ignore[index]
                 for k in cached[0]}  # type: ignore[union-attr]
+
+
+    def sequence_cache(self, request: Request, seg: SegmentEntry) -> dict[str, np.ndarray]:
+        """The cache segment's outputs (e.g. the sequence K/V) for the request's users.
+
+        Per user id the runtime keeps the rows it built the cache from. The same rows again: a hit.
+        The same rows slid left by m items with m new ones at the end (m a multiple of the items
+        per position) and an appendable cache: only the new positions are computed and the oldest
+        dropped. Anything else: rebuilt. Without user ids nothing is kept.
+        """
+        spec = self.kv_spec or {}
+        names = [s.name for s in seg.inputs]
+        axes = {s.name: s.shape.index("users") for s in seg.outputs}
+        if request.user_ids is None:
+            return self._run(seg, {n: request.user[n] for n in names})
+        per_user: list[dict[str, np.ndarray] | None] = []
+        misses: list[int] = []
+        for u, uid in enumerate(request.user_ids):
+            rows = {n: request.user[n][u:u + 1] for n in names}
+            entry = self.kv.get(("kv", uid))
+            got = None
+            if entry is not None:
+                old_rows = {n: entry["rows/" + n] for n in names}
+                if all(np.array_equal(old_rows[n], rows[n]) for n in names):
+                    got, kind = {k: v for k, v in entry.items() if not k.startswith("rows/")}, "hits"
+                elif spec.get("appendable"):
+                    got = self._append(seg, spec, entry, old_rows, rows, axes)
+                    kind = "appends"
+            if got is None:
+                misses.append(u)
+                per_user.append(None)
+                continue
+            with self._kv_lock:
+                self.kv_stats[kind] += 1
+            self.kv.put(("kv", uid), {**got, **{"rows/" + n: rows[n] for n in names}})
+            per_user.append(got)
+        if misses:
+            idx = np.asarray(misses, dtype=np.int64)
+            fresh = self._run(seg, {n: request.user[n][idx] for n in names})
+            for j, u in enumerate(misses):
+                got = {k: np.take(v, [j], axis=axes[k]) for k, v in fresh.items()}
+                self.kv.put(("kv", request.user_ids[u]),
+                            {**got, **{"rows/" + n: request.user[n][u:u + 1] for n in names}})
+                per_user[u] = got
+            with self._kv_lock:
+                self.kv_stats["misses"] += len(misses)
+        return {k: np.concatenate([p[k] for p in per_user], axis=axes[k])  # type: ignore[index]
+                for k in axes}
+
+    def _append(self, seg: SegmentEntry, spec: Mapping[str, Any], entry: Mapping[str, np.ndarray],
+                old: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray],
+                axes: Mapping[str, int]) -> dict[str, np.ndarray] | None:
+        seq_name, k = spec["input"], int(spec["items_per_position"])
+        if any(not np.array_equal(old[n], new[n]) for n in old if n != seq_name):
+            return None
+        old_seq, new_seq = old[seq_name][0], new[seq_name][0]
+        s_old, s_new = len(old_seq), len(new_seq)
+        for m in range(k, s_new, k):  # smallest number of appended items that explains the change (some kept)
+            keep = s_new - m
+            if keep <= s_old and (s_old - keep) % k == 0 and np.array_equal(new_seq[:keep], old_seq[s_old - keep:]):
+                fresh = self._run(seg, {n: (new[n][:, keep:] if n == seq_name else new[n]) for n in new})
+                drop = (s_old - keep) // k
+                seq_axes = spec["seq_axis"]
+                return {t: np.concatenate([np.take(entry[t], np.arange(drop, entry[t].shape[seq_axes[t]]),
+                                                   axis=seq_axes[t]), fresh[t]], axis=seq_axes[t]) for t in axes}
+        return None
 
 
 def _digest(user: Mapping[str, np.ndarray], row: int) -> bytes:

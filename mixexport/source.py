@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -38,6 +39,7 @@ class Source:
     metadata: dict[str, Any] = field(default_factory=dict)
     default_passes: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    multiples: dict[str, tuple[str, int]] = field(default_factory=dict)  # "seq" -> ("groups", K): seq = K·groups
 
     @property
     def dataset(self) -> str | None:
@@ -48,9 +50,15 @@ class Source:
     def params(self) -> int:
         return int(sum(p.numel() for p in self.module.parameters()))
 
-    def example_feeds(self, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-        """Valid random rows (ids inside their vocabularies)."""
+    def example_feeds(self, rows: int, seed: int = 0, seq_len: int | None = None) -> dict[str, np.ndarray]:
+        """Valid random rows (ids inside their vocabularies); ``seq_len`` overrides the sequence
+        length of models whose sequence axis is dynamic."""
         if self.kind == "checkpoint":
+            if seq_len is not None:
+                from mixexport.models.common import random_feeds
+
+                schema = dataclasses.replace(self.module.config.schema, seq_len=seq_len)  # type: ignore[union-attr]
+                return random_feeds(schema, rows, seed)
             return self.module.example_inputs(rows, seed)  # type: ignore[operator]
         rng = np.random.default_rng(seed)
         feeds = {}
@@ -62,10 +70,10 @@ class Source:
                 feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
         return feeds
 
-    def example_request(self, users: int, candidates: int, seed: int = 0) -> Request:
+    def example_request(self, users: int, candidates: int, seed: int = 0, seq_len: int | None = None) -> Request:
         """U users × N candidates; user_index interleaves the users (0,1,..,U-1,0,1,..)."""
-        user_rows = self.example_feeds(users, seed)
-        item_rows = self.example_feeds(candidates, seed + 1)
+        user_rows = self.example_feeds(users, seed, seq_len)
+        item_rows = self.example_feeds(candidates, seed + 1, seq_len)
         return Request(user={s.name: user_rows[s.name] for s in self.inputs if s.user_side},
                        item={s.name: item_rows[s.name] for s in self.inputs if not s.user_side},
                        user_index=np.arange(candidates, dtype=np.int64) % users,
@@ -115,9 +123,11 @@ def load_source(path: str | Path, roles: Mapping[str, str] | None = None) -> Sou
                             "their roles", "drop --roles")
     from mixexport.models import family_module
 
+    multiples = model.dim_multiples() if hasattr(model, "dim_multiples") else {}
     return Source(kind="checkpoint", path=path, sha256=sha256_file(path), inputs=model.input_specs(),
                   outputs=model.output_specs(), module=model, family=ckpt.family, config=ckpt.config,
-                  metadata=ckpt.metadata, default_passes=tuple(family_module(ckpt.family).DEFAULT_PASSES))
+                  metadata=ckpt.metadata, default_passes=tuple(family_module(ckpt.family).DEFAULT_PASSES),
+                  multiples=multiples)
 
 
 def _is_pt2(path: Path) -> bool:
@@ -306,11 +316,37 @@ def _embedding_vocab(ep: torch.export.ExportedProgram) -> dict[str, int]:
     return vocab
 
 
+def dynamic_shapes(specs: tuple[TensorSpec, ...], multiples: Mapping[str, tuple[str, int]] | None = None,
+                   minimums: Mapping[str, int] | None = None) -> dict[str, dict[int, Any]]:
+    """torch.export ``dynamic_shapes`` for inputs named by ``specs``: every symbolic axis becomes a
+    named Dim shared across inputs; ``multiples`` derives axes (``seq`` = K · ``groups``) and
+    ``minimums`` gives lower bounds (e.g. what the original program's range constraints proved)."""
+    dims: dict[str, Any] = {}
+
+    def dim(name: str) -> Any:
+        if name not in dims:
+            if multiples and name in multiples:
+                base, k = multiples[name]
+                dims[name] = k * dim(base)
+            elif name.isidentifier():
+                dims[name] = torch.export.Dim(name, min=max(1, (minimums or {}).get(name, 1)))
+            else:  # a linear expression of one named dim, e.g. "groups + 3"
+                import sympy
+
+                e = sympy.sympify(name)
+                (sym,) = e.free_symbols
+                a, c = sympy.Poly(e, sym).all_coeffs()
+                dims[name] = int(a) * dim(str(sym)) + int(c)
+        return dims[name]
+
+    return {s.name: {i: dim(d) for i, d in enumerate(s.shape) if isinstance(d, str)} for s in specs}
+
+
 def export_program(source: Source, rows: int = EXAMPLE_BATCH) -> torch.export.ExportedProgram:
-    """``torch.export`` the reference with one dynamic ``batch`` axis shared by every input."""
+    """``torch.export`` the reference: a dynamic ``batch`` axis shared by every input, plus any other
+    symbolic axis its specs declare (e.g. a variable-length behaviour sequence)."""
     feeds = {k: torch.from_numpy(v) for k, v in source.example_feeds(rows, seed=1234).items()}
-    batch = torch.export.Dim("batch", min=1)
-    dynamic = {s.name: {0: batch} for s in source.inputs}
+    dynamic = dynamic_shapes(source.inputs, source.multiples)
     try:
         return torch.export.export(source.module, (), kwargs=feeds, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # noqa: BLE001 - report torch's reason in one line

@@ -36,16 +36,25 @@ class EagerBackend:
 
 class ProgramSession(SessionBase):
     """A program-stage segment (a ``torch.export`` program) run eagerly in torch: how the stage
-    ledger measures the error a program pass adds before any ONNX exists."""
+    ledger measures the error a program pass adds before any ONNX exists, and how passes run the
+    segments they build. Inputs are cast to the program's input dtypes; bfloat16 outputs come back
+    as float32 (numpy has no bfloat16)."""
 
     def __init__(self, program: Any, output_names: list[str]) -> None:
         self.module = program.module()
         self.output_names = output_names
+        self.dtypes = {n.name: n.meta["val"].dtype for n in program.graph.nodes
+                       if n.op == "placeholder" and "val" in n.meta}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        args = {}
+        for k, v in feeds.items():
+            t = torch.from_numpy(np.ascontiguousarray(v))
+            args[k] = t.to(self.dtypes[k]) if k in self.dtypes else t
         with torch.inference_mode():
-            out = self.module(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()})
+            out = self.module(**args)
         outs = out if isinstance(out, (tuple, list)) else (out,)
-        return {n: o.detach().numpy() for n, o in zip(self.output_names, outs)}
+        return {n: (o.float() if o.dtype == torch.bfloat16 else o).detach().numpy()
+                for n, o in zip(self.output_names, outs)}

@@ -1,12 +1,17 @@
 """ONNX Runtime backend: CPU, or CUDA when onnxruntime-gpu is installed (``--device cuda``).
 
 Session options are part of the bundle (``segments[].session_options`` in the manifest) so that
-verify, bench and a server all run the graph the same way. The parity defaults keep the reference
-exact: ``session.qdq_matmulnbits_accuracy_level=0`` pins W8A16 as int8 weights with float
-activations (ORT may otherwise rewrite DequantizeLinear→MatMul into MatMulNBits with int8
-activations), and ``SkipLayerNormFusion`` is disabled on CPU, where the fused kernel is slower
-than LayerNormalization + Add for our token widths (measured: 67 vs 76 ms per 256-row batch of
-the rankmixer base config).
+verify, bench and a server all run the graph the same way. The defaults keep the parity reference
+exact:
+
+- ``QDQSelectorActionTransformer`` is disabled: ORT would otherwise rewrite a W8A16
+  ``DequantizeLinear → MatMul`` on 2-D ``[K,N]`` weights into ``MatMulNBits`` (by default with int8
+  *activations*, i.e. W8A8) — the int8 survival check in ``verify`` proves the form is kept;
+- ``session.qdq_matmulnbits_accuracy_level=0`` pins float activations should any MatMulNBits remain;
+- ``SkipLayerNormFusion`` is disabled on CPU, where the fused kernel is slower than
+  LayerNormalization + Add for our token widths (rankmixer base, 256 rows: 67 vs 76 ms measured).
+
+Note: ORT separates the names in ``optimization.disable_specified_optimizers`` with ``;``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from mixexport.errors import EnvironmentUnavailableError
 DEFAULT_OPTIONS: dict[str, Any] = {
     "graph_optimization_level": "ORT_ENABLE_ALL",
     "config": {"session.qdq_matmulnbits_accuracy_level": "0",
-               "optimization.disable_specified_optimizers": "SkipLayerNormFusion"},
+               "optimization.disable_specified_optimizers": "SkipLayerNormFusion;QDQSelectorActionTransformer"},
 }
 
 
@@ -41,7 +46,17 @@ class OrtSession(SessionBase):
             so.optimized_model_filepath = str(options["optimized_model_path"])
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         model = path if isinstance(path, bytes) else str(path)
-        self.session = ort.InferenceSession(model, so, providers=providers)
+        try:
+            self.session = ort.InferenceSession(model, so, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own untyped errors
+            if "NOT_IMPLEMENTED" not in str(e):
+                raise
+            # e.g. bf16 graphs on the CPU provider (no bf16 Mul kernel): this machine cannot run it
+            first = str(e).strip().splitlines()[0]
+            raise EnvironmentUnavailableError(
+                f"ONNX Runtime ({providers[0]}) has no kernel for an op of this graph: {first[:240]}",
+                "the CPU provider lacks most bfloat16 kernels: for --precision bf16 use --device cuda "
+                "(onnxruntime-gpu) or --target aoti") from None
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -82,7 +97,9 @@ class OnnxRuntimeBackend:
         return OrtSession(model, options or self.session_options(), self.device)
 
     def prepare(self, manifest: Manifest, segment: SegmentEntry, workdir: Path | None = None) -> OrtSession:
-        return self.open_file(manifest.file(segment.file), segment.session_options or self.session_options())
+        # a segment built for another backend (aoti, tensorrt) records that backend's options
+        options = segment.session_options if segment.backend == self.name else None
+        return self.open_file(manifest.file(segment.file), options or self.session_options())
 
     def describe(self) -> dict[str, Any]:
         import onnxruntime as ort

@@ -21,11 +21,17 @@ from mixexport.cli.options import (backend_option, checkpoint_option, device_opt
 @click.option("--budget", default=2.0, show_default=True, type=click.FloatRange(min=0.0),
               help="Seconds of timing per N (at least 5 rounds).")
 @click.option("--peers", default="", metavar="P1,P2", help="Also time: compile (torch.compile), aoti, ort-default.")
+@click.option("--compare", multiple=True, type=click.Path(), metavar="BUNDLE",
+              help="Also time another bundle of the same model (e.g. built --no-passes), in the same run.")
+@click.option("--cache-modes", is_flag=True, help="Also time per-user cache hits and appends (split/KV bundles).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=None,
+              help="Behaviour-sequence length of the requests (models with a dynamic sequence axis).")
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Also write the JSON result here.")
 @json_option
 @click.pass_context
 def command(ctx: click.Context, bundle: str, checkpoint: str | None, backend: str | None, device: str,
-            candidates: str, users: int, budget: float, peers: str, save: str | None, as_json: bool) -> int:
+            candidates: str, users: int, budget: float, peers: str, compare: tuple[str, ...], cache_modes: bool,
+            seq_len: int | None, save: str | None, as_json: bool) -> int:
     """Time BUNDLE and the eager model for 1 user x N candidates, N in --candidates."""
     from mixexport.verification import bench_bundle
     from mixexport.verification.report import latency_markdown
@@ -33,7 +39,8 @@ def command(ctx: click.Context, bundle: str, checkpoint: str | None, backend: st
     with progress(ctx) as say:
         report = bench_bundle(bundle, checkpoint=checkpoint, backend=backend, device=device,
                               candidates=parse_csv_ints(candidates, "--candidates"), users=users,
-                              budget_s=budget, peers=tuple(p for p in peers.split(",") if p), progress=say)
+                              budget_s=budget, peers=tuple(p for p in peers.split(",") if p), compare=compare,
+                              cache_modes=cache_modes, seq_len=seq_len, progress=say)
     if save:
         Path(save).write_text(json.dumps(report, indent=2) + "\n")
     if as_json:

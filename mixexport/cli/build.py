@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
-from mixexport.cli.options import (data_options, device_option, emit_json, json_option, parse_csv_ints,
-                                   progress, tolerance_options)
+from mixexport.cli.options import data_options, emit_json, json_option, parse_csv_ints, progress, tolerance_options
+
+#: targets whose engines only run on a GPU: --device defaults to cuda for them
+GPU_TARGETS = ("trt", "trt-rtx")
 
 
 def _roles(values: tuple[str, ...]) -> dict[str, str]:
@@ -22,8 +24,16 @@ def _roles(values: tuple[str, ...]) -> dict[str, str]:
 
 @click.command("build")
 @click.argument("checkpoint", type=click.Path())
-@click.option("--target", default="onnx", show_default=True, help="What the bundle runs on: onnx.")
-@device_option
+@click.option("--target", default="onnx", show_default=True,
+              help="What the bundle runs on: onnx (ONNX Runtime), aoti (AOTInductor .pt2 packages), "
+                   "trt (TensorRT >= 10 engines), trt-rtx (TensorRT for RTX engines).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Where the bundle runs [default: cuda for trt/trt-rtx, else cpu].")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Float weights and compute of the exported model; inputs/outputs stay float32.")
+@click.option("--shapes", multiple=True, metavar="NAME:MIN,OPT,MAX",
+              help="TensorRT optimization profile of a symbolic axis (batch, users, candidates…; repeatable).")
+@click.option("--version-compatible", is_flag=True, help="TensorRT: build version-compatible engines.")
 @click.option("--passes", "passes_", default=None, metavar="P1,P2",
               help="Passes to apply (kebab case, see `mixexport passes`); default: the family's defaults.")
 @click.option("--no-passes", is_flag=True, help="Apply no passes.")
@@ -39,23 +49,27 @@ def _roles(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--dump-after", default=None, metavar="STAGE", help="Write the intermediate model after a pass or 'export'.")
 @json_option
 @click.pass_context
-def command(ctx: click.Context, checkpoint: str, target: str, device: str, passes_: str | None, no_passes: bool,
+def command(ctx: click.Context, checkpoint: str, target: str, device: str | None, precision: str,
+            shapes: tuple[str, ...], version_compatible: bool, passes_: str | None, no_passes: bool,
             pass_options: tuple[str, ...], out: str | None, force: bool, roles: tuple[str, ...], data: str | None,
             no_metrics: bool, atol: tuple[str, ...], rtol: tuple[str, ...], no_bench: bool, candidates: str,
             keep_failed: bool, dump_after: str | None, as_json: bool) -> int:
     """Build a verified bundle from CHECKPOINT (a mixexport checkpoint or a torch.export .pt2)."""
+    from mixexport.backends.tensorrt import parse_shapes
     from mixexport.pipeline import BuildOptions, build
     from mixexport.verification.compare import parse_tolerances
 
     if passes_ is not None and no_passes:
         raise click.UsageError("--passes and --no-passes exclude each other")
     names = () if no_passes else (None if passes_ is None else tuple(p.strip() for p in passes_.split(",") if p.strip()))
+    device = device or ("cuda" if target in GPU_TARGETS else "cpu")
     opts = BuildOptions(out=Path(out) if out else Path(f"{Path(checkpoint).stem}.{target}"), target=target,
                         device=device, passes=names, pass_options=pass_options, force=force, roles=_roles(roles),
                         bench=not no_bench, bench_candidates=parse_csv_ints(candidates, "--candidates"),
                         metrics=not no_metrics, data=Path(data) if data else None,
                         atol=parse_tolerances(atol, "atol"), rtol=parse_tolerances(rtol, "rtol"),
-                        keep_failed=keep_failed, dump_after=dump_after)
+                        keep_failed=keep_failed, dump_after=dump_after, precision=precision,
+                        shapes=parse_shapes(shapes), version_compatible=version_compatible)
     with progress(ctx) as say:
         result = build(checkpoint, opts, progress=say)
     parity = result.parity

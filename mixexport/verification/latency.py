@@ -1,7 +1,9 @@
 """Latency of 1 user × N candidates (or U users), eager vs bundle in the same run.
 
-Runners are timed in interleaved rounds (eager, bundle, eager, bundle, …) so that a noisy
-neighbour slows both alike; each round's first calls are warm-up. Reported per runner and N:
+Runners are timed in alternating blocks (eager ×k, bundle ×k, eager ×k, …) so that a noisy
+neighbour slows both alike. Every block starts with untimed warm-up calls: after a torch call its
+OpenMP threads keep spinning for a while (and ONNX Runtime's do too), which would otherwise be
+charged to whichever runner comes next. Reported per runner and N:
 p50/p90/p99/mean in milliseconds, candidates per second at p50, and the p50 ratio to eager.
 """
 
@@ -34,21 +36,23 @@ class LatencyStats:
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], warmup: int = 2, min_runs: int = 5,
-                     max_runs: int = 200, budget_s: float = 3.0) -> dict[str, LatencyStats]:
-    """Time each zero-argument function in alternating rounds until ``budget_s`` (at least
-    ``min_runs`` and at most ``max_runs`` rounds)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+                     max_runs: int = 200, budget_s: float = 3.0, block: int = 5) -> dict[str, LatencyStats]:
+    """Time each zero-argument function in alternating blocks of ``block`` timed calls, each block
+    after ``warmup`` untimed calls, until ``budget_s`` (at least ``min_runs`` and at most
+    ``max_runs`` timed calls per function)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
-    rounds = 0
-    while rounds < max_runs and (rounds < min_runs or time.perf_counter() - start < budget_s):
+    while True:
+        done = min(len(t) for t in times.values())
+        if done >= max_runs or (done >= min_runs and time.perf_counter() - start >= budget_s):
+            break
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        rounds += 1
+            for _ in range(warmup):
+                fn()
+            for _ in range(min(block, max_runs - len(times[name]))):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
     return {name: LatencyStats.of(ts) for name, ts in times.items()}
 
 

@@ -3,6 +3,7 @@ checkpoint as the eager reference)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -10,11 +11,12 @@ import numpy as np
 
 from mixexport.bundle import Manifest, check_integrity, read_manifest
 from mixexport.data import MOVIELENS, Split, load_npz_split, movielens_100k, movielens_available
-from mixexport.errors import BadInputError
+from mixexport.errors import BadInputError, GateFailedError
 from mixexport.runtime import Runtime
 from mixexport.source import Source, load_source
 from mixexport.specs import Request
-from mixexport.verification.compare import compare_outputs, resolve_tolerances
+from mixexport.verification.compare import Tolerance, compare_outputs, resolve_tolerances
+from mixexport.verification.int8 import int8_survival
 from mixexport.verification.latency import DEFAULT_CANDIDATES, machine_info, summarize, time_interleaved
 from mixexport.verification.metrics import metric_parity
 
@@ -84,15 +86,63 @@ def verify_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | Non
             tensor.append({"request": label, "users": req.num_users, "candidates": req.num_candidates,
                            "outputs": [r.to_json() for r in res], "passed": all(r.passed for r in res)})
             failures += [f"{label}: {r.line()}" for r in res if not r.passed]
+        say("cache checks")
+        cache_report = _cache_checks(manifest, source, rt, ref, per, default)
+        failures += [f"cache {c['check']}: {c['detail']}" for c in cache_report if not c["passed"]]
         metric_report = _metrics(source, rt, data, precision, say) if metrics else {
             "status": "skipped", "reason": "disabled with --no-metrics"}
     if metric_report.get("status") == "FAIL":
         failures.append(metric_report["gate"]["message"])
+    say("int8 survival")
+    try:  # {"status": "skipped"} for bundles without int8 weights
+        int8 = int8_survival(manifest, device=device)
+    except GateFailedError as e:
+        int8 = {"status": "FAIL", "failures": e.message.splitlines()[1:]}
+        failures.append(e.message)
     worst = max((o["max_rel"] for t in tensor for o in t["outputs"]), default=0.0)
     return {"status": "PASS" if not failures else "FAIL", "backend": rt.name, "device": device,
             "precision": precision, "max_rel": worst,
             "tolerances": {n: {"rtol": t.rtol, "atol": t.atol} for n, t in per.items()},
-            "tensor": tensor, "metrics": metric_report, "failures": failures}
+            "tensor": tensor, "cache": cache_report, "metrics": metric_report, "int8": int8, "failures": failures}
+
+
+def _cache_checks(manifest: Manifest, source: Source, rt: Runtime, ref: Runtime, per: dict[str, Tolerance],
+                  default: Tolerance) -> list[dict[str, Any]]:
+    """For bundles with per-user caches: a cache hit scores exactly like the miss that filled it, and
+    (appendable caches) a window extended by new behaviours scores like the eager model on it."""
+    roles = {s.role for s in manifest.segments}
+    if not roles & {"user", "cache"}:
+        return []
+    out = []
+    req = source.example_request(2, 9, seed=321)
+    req = Request(user=req.user, item=req.item, user_index=req.user_index, user_ids=("verify-u0", "verify-u1"))
+    first = rt.score(req)
+    second = rt.score(req)
+    same = all(np.array_equal(first[k], second[k]) for k in first)
+    out.append({"check": "hit equals miss", "passed": same,
+                "detail": "identical outputs" if same else "a cached user scored differently from the fresh one"})
+    for spec in manifest.data.get("caches", []):
+        if not spec.get("appendable"):
+            out.append({"check": f"{spec['name']} append", "passed": True, "detail": "not appendable: skipped"})
+            continue
+        seq, k = spec["input"], int(spec["items_per_position"])
+        window = req.user[seq]
+        m = min(2 * k, (window.shape[1] // k) * k)
+        vocab = next(s.vocab for s in source.inputs if s.name == seq) or 2
+        new_items = np.random.default_rng(5).integers(1, int(vocab if isinstance(vocab, int) else max(vocab)),
+                                                      size=(window.shape[0], m))
+        user = dict(req.user)
+        user[seq] = np.ascontiguousarray(np.concatenate([window[:, m:], new_items], axis=1))
+        appended = Request(user=user, item=req.item, user_index=req.user_index, user_ids=req.user_ids)
+        before = rt.kv_stats["appends"]
+        res = compare_outputs(rt.score(appended), ref.score(appended), per, default)
+        used = rt.kv_stats["appends"] - before
+        ok = all(r.passed for r in res) and used == window.shape[0]
+        out.append({"check": f"{spec['name']} append", "passed": ok, "appended_items": m,
+                    "appends_used": used, "outputs": [r.to_json() for r in res],
+                    "detail": f"{m} new items per user appended ({used} incremental updates); "
+                              + "; ".join(r.line() for r in res)})
+    return out
 
 
 def _family_tolerance(manifest: Manifest) -> tuple[float, float] | None:
@@ -126,23 +176,67 @@ def _metrics(source: Source, rt: Runtime, data: str | Path | None, precision: st
 def bench_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | None = None,
                  backend: str | None = None, device: str = "cpu",
                  candidates: Sequence[int] = DEFAULT_CANDIDATES, users: int = 1, budget_s: float = 2.0,
-                 peers: Sequence[str] = (), progress: Progress | None = None) -> dict[str, Any]:
-    """p50/p90/p99 per N for eager and the bundle (and optional peers), measured in one run."""
+                 peers: Sequence[str] = (), compare: Sequence[str | Path] = (), cache_modes: bool = False,
+                 seq_len: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """p50/p90/p99 per N for eager and the bundle, measured in one run in interleaved rounds.
+
+    ``peers``: other tools on the same model; ``compare``: other bundles of the same model (e.g.
+    the unsplit one); ``cache_modes``: for bundles with per-user caches, also time a cache hit
+    (same user, warm) and an append (each request adds one position's worth of new behaviours).
+    """
     from mixexport.verification.peers import make_peers
 
     say = progress or (lambda _msg: None)
     manifest = bundle if isinstance(bundle, Manifest) else read_manifest(bundle)
     source = load_reference(manifest, checkpoint)
+    others = [read_manifest(p) for p in compare]
+    for other in others:
+        if [s.to_json() for s in other.inputs] != [s.to_json() for s in manifest.inputs]:
+            raise BadInputError(f"--compare {other.root}: its inputs differ from {manifest.root}'s",
+                                "compare bundles built from the same model")
     results = {}
-    with Runtime.open(manifest, backend, device) as rt, Runtime.reference(source) as ref:
+    with Runtime.open(manifest, backend, device) as rt, Runtime.reference(source) as ref, \
+            contextlib.ExitStack() as stack:
+        other_rts = {f"compare: {o.root.name} ({', '.join(p['name'] for p in o.data['passes']) or 'no passes'})":
+                     stack.enter_context(Runtime.open(o, backend, device)) for o in others}
         peer_fns = make_peers(peers, source, manifest, say)
+        label = f"bundle ({rt.name})"
         for n in candidates:
-            req = source.example_request(users, n, seed=7)
+            req = source.example_request(users, n, seed=7, seq_len=seq_len)
             say(f"latency: {users} user x {n} candidates")
             fns: dict[str, Callable[[], Any]] = {"eager": lambda r=req: ref.score(r, validate=False),
-                                                 f"bundle ({rt.name})": lambda r=req: rt.score(r, validate=False)}
+                                                 label: lambda r=req: rt.score(r, validate=False)}
+            fns.update({name: (lambda r=req, o=o: o.score(r, validate=False)) for name, o in other_rts.items()})
             fns.update({name: (lambda r=req, f=f: f(r)) for name, f in peer_fns.items()})
+            if cache_modes and {s.role for s in manifest.segments} & {"user", "cache"}:
+                fns.update(_cache_runners(rt, manifest, req, label))
             results[n] = time_interleaved(fns, budget_s=budget_s)
     return {"users": users, "candidates": list(candidates), "device": device, "machine": machine_info(),
-            "note": "input validation excluded from timings; requests carry no user ids (no cache reuse)",
+            "seq_len": seq_len, "note": "input validation excluded from timings; the plain bundle runner's "
+            "requests carry no user ids (every request recomputes its user side)",
             "runners": summarize(results)}
+
+
+def _cache_runners(rt: Runtime, manifest: Manifest, req: Request, label: str) -> dict[str, Callable[[], Any]]:
+    """Runners reusing per-user caches: ``hit`` (same user and history every time) and, for an
+    appendable cache, ``append`` (every request slides the history by one new position)."""
+    ids = tuple(f"bench-{u}" for u in range(req.num_users))
+    hit = Request(user=req.user, item=req.item, user_index=req.user_index, user_ids=ids)
+    rt.score(hit, validate=False)
+    out: dict[str, Callable[[], Any]] = {f"{label} cache hit": lambda: rt.score(hit, validate=False)}
+    spec = next((c for c in manifest.data.get("caches", []) if c.get("appendable")), None)
+    if spec is not None:
+        seq, k = spec["input"], int(spec["items_per_position"])
+        rng = np.random.default_rng(0)
+        state = {"user": dict(req.user)}
+        vocab = int(np.max(req.user[seq])) + 1
+
+        def append() -> Any:
+            window = state["user"][seq]
+            new = rng.integers(1, max(vocab, 2), size=(window.shape[0], k))
+            state["user"] = {**state["user"], seq: np.ascontiguousarray(np.concatenate([window[:, k:], new], 1))}
+            return rt.score(Request(user=state["user"], item=req.item, user_index=req.user_index, user_ids=ids),
+                            validate=False)
+
+        out[f"{label} cache append ({k} items)"] = append
+    return out
