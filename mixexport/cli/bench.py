@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -33,6 +34,11 @@ def command(ctx: click.Context, bundle: str, checkpoint: str | None, backend: st
             candidates: str, users: int, budget: float, peers: str, compare: tuple[str, ...], cache_modes: bool,
             seq_len: int | None, save: str | None, as_json: bool) -> int:
     """Time BUNDLE and the eager model for 1 user x N candidates, N in --candidates."""
+    # Runners share two cores in one process: with OpenMP's default waiting, torch's idle threads
+    # spin after every eager call and slow the ONNX Runtime call timed next (measured: bundle
+    # 174 -> 98 ms, eager unchanged when timed alone, rankmixer base at N=256). Must be set before
+    # torch loads; an explicit setting from the user wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from mixexport.verification import bench_bundle
     from mixexport.verification.report import latency_markdown
 

@@ -68,6 +68,7 @@ def machine_info() -> dict[str, Any]:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
             "platform": platform.platform()}
 
 
