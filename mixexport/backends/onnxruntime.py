@@ -8,6 +8,10 @@ exact:
   ``DequantizeLinear → MatMul`` on 2-D ``[K,N]`` weights into ``MatMulNBits`` (by default with int8
   *activations*, i.e. W8A8) — the int8 survival check in ``verify`` proves the form is kept;
 - ``session.qdq_matmulnbits_accuracy_level=0`` pins float activations should any MatMulNBits remain;
+- ``session.intra_op.allow_spinning=0``: a bundle runs several sessions (user, cache, item
+  segments) in one process, each with its own thread pool; spinning threads of the session that
+  just ran steal the cores from the next (ugsep base, N=256: user+item 78 ms spinning, 52 ms not;
+  the item segment alone 50 vs 51 ms);
 - ``SkipLayerNormFusion`` is disabled on CPU, where the fused kernel is slower than
   LayerNormalization + Add for our token widths (rankmixer base, 256 rows: 67 vs 76 ms measured).
 
@@ -27,7 +31,7 @@ from mixexport.errors import EnvironmentUnavailableError
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "graph_optimization_level": "ORT_ENABLE_ALL",
-    "config": {"session.qdq_matmulnbits_accuracy_level": "0",
+    "config": {"session.qdq_matmulnbits_accuracy_level": "0", "session.intra_op.allow_spinning": "0",
                "optimization.disable_specified_optimizers": "SkipLayerNormFusion;QDQSelectorActionTransformer"},
 }
 

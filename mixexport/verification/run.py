@@ -202,7 +202,9 @@ def bench_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | None
         peer_fns = make_peers(peers, source, manifest, say)
         label = f"bundle ({rt.name})"
         for n in candidates:
-            req = source.example_request(users, n, seed=7, seq_len=seq_len)
+            sample = source.example_request(users, n, seed=7, seq_len=seq_len)
+            # no user ids: every request recomputes its user side (the cache runners reuse it)
+            req = Request(user=sample.user, item=sample.item, user_index=sample.user_index)
             say(f"latency: {users} user x {n} candidates")
             fns: dict[str, Callable[[], Any]] = {"eager": lambda r=req: ref.score(r, validate=False),
                                                  label: lambda r=req: rt.score(r, validate=False)}
