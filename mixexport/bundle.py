@@ -125,8 +125,9 @@ class BundleWriter:
     def __init__(self, out: Path, force: bool) -> None:
         self.out = Path(out)
         self.force = force
+        recover_stale(self.out)
         check_out_dir(self.out, force)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
         self.committed = False
 
     def __enter__(self) -> BundleWriter:
@@ -154,7 +155,7 @@ class BundleWriter:
         if self.out.exists():
             if not self.force:
                 raise BadInputError(f"{self.out} appeared while building", "use --force to replace it")
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{int(time.time())}"
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{time.time_ns()}"
             os.replace(self.out, old)
         os.replace(self.tmp, self.out)
         self.committed = True
@@ -168,6 +169,39 @@ class BundleWriter:
                 yield p.relative_to(self.tmp).as_posix()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def recover_stale(out: Path) -> list[str]:
+    """Clean up after builds of ``out`` that were killed (SIGKILL, power loss): their temp dirs
+    (``.<name>.tmp-<pid>-*`` of processes that no longer run) are removed; a previous bundle moved
+    aside by an interrupted ``--force`` swap (``.<name>.old-<pid>-*``) is put back if ``out`` is
+    missing, removed otherwise. Returns what was done."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    done: list[str] = []
+    if not parent.is_dir():
+        return done
+    for p in sorted(parent.glob(f".{out.name}.tmp-*")) + sorted(parent.glob(f".{out.name}.old-*")):
+        parts = p.name[len(out.name) + 2:].split("-")  # "tmp-<pid>-<random>" / "old-<pid>-<ns>"
+        if len(parts) < 3 or not parts[1].isdigit() or _alive(int(parts[1])):
+            continue
+        if ".old-" in p.name and not out.exists():
+            os.replace(p, out)
+            done.append(f"restored {out} from {p.name}")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name}")
+    return done
+
+
 def check_out_dir(out: Path, force: bool) -> None:
     """Refuse an existing ``out`` without ``force`` and an unwritable parent, before any work."""
     out = Path(out)
@@ -176,6 +210,8 @@ def check_out_dir(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise BadInputError(f"output path {out} exists and is not a directory", "choose another --out")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise BadInputError(f"cannot write {out}: {parent} is a file, not a directory", "choose another --out")
     if not parent.is_dir():
         raise BadInputError(f"cannot write {out}: parent directory {parent} does not exist",
                             "create it first or choose another --out")

@@ -75,3 +75,46 @@ def test_force_replaces_only_after_the_new_bundle_is_complete(tiny_ckpt: Path, t
     assert not (out / "marker").exists()
     check_integrity(read_manifest(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def _build_cmd(ckpt: Path, out: Path, *extra: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-c", "from mixexport.cli import main; main()", "build", str(ckpt), "--out", str(out),
+            "--no-bench", *extra]
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killed_build_leaves_no_bundle_and_stale_temp_is_cleaned(tiny_ckpt: Path, tmp_path: Path, sig: str) -> None:
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "b"
+    proc = subprocess.Popen(_build_cmd(tiny_ckpt, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".b.tmp-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)  # kill once the temp dir exists: the bundle is being written
+    assert proc.poll() is None, "the build finished before it could be killed"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert not out.exists()
+    if sig == "SIGTERM":  # handled like Ctrl-C: the temp dir is removed at once
+        assert proc.returncode == 130 and "interrupted; nothing was written" in err
+        assert list(tmp_path.iterdir()) == []
+    else:  # nothing can run on SIGKILL: the next build of the same --out removes the dead temp dir
+        assert list(tmp_path.glob(".b.tmp-*"))
+        build(tiny_ckpt, BuildOptions(out=out, bench=False))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_interrupted_force_swap_restores_the_previous_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from mixexport.bundle import recover_stale
+
+    out = tmp_path / "b"
+    dead_pid = 2**22 + 12345  # above the kernel's default pid_max: never a live process
+    shutil.copytree(tiny_bundle, tmp_path / f".b.old-{dead_pid}-1")  # moved aside, new one never renamed in
+    assert recover_stale(out) == [f"restored {out} from .b.old-{dead_pid}-1"]
+    check_integrity(read_manifest(out))

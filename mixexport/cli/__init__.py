@@ -8,7 +8,9 @@ Exit codes: 0 ok · 1 check failed · 2 usage or bad input · 3 environment unav
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import traceback
 
 import click
@@ -36,7 +38,13 @@ for _command in COMMANDS:
     cli.add_command(_command)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: temp dirs are removed, nothing half-written
+
+
 def main(argv: list[str] | None = None) -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         code = cli.main(args=argv, prog_name="mixexport", standalone_mode=False)
     except MixexportError as e:

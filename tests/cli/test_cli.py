@@ -106,3 +106,17 @@ def test_tampered_bundle_fails_verify_with_exit_1(bundle_copy: Path) -> None:
     r = run_cli("verify", str(bundle_copy))
     assert r.code == 1
     assert "changed segments/model.onnx" in r.err and "missing inputs/sample.npz" in r.err
+
+
+def test_pass_that_does_not_apply_and_bad_out(tiny_ckpt: Path, tmp_path: Path) -> None:
+    r = run_cli("build", str(tiny_ckpt), "--passes", "split-user-item", "--out", str(tmp_path / "b"), "--no-bench")
+    assert r.code == 2 and "needs user-only computation past the embeddings" in r.err and "Traceback" not in r.err
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    r = run_cli("build", str(tiny_ckpt), "--out", str(afile / "b"), "--no-bench")
+    assert r.code == 2 and "is a file, not a directory" in r.err
+    r = run_cli("build", str(tiny_ckpt), "--option", "nonsense", "--out", str(tmp_path / "c"))
+    assert r.code == 2 and "expected PASS.FIELD=VALUE" in r.err
+    r = run_cli("build", str(tiny_ckpt), "--dump-after", "nosuch", "--out", str(tmp_path / "d"))
+    assert r.code == 2 and "--dump-after 'nosuch': not a pass of this build" in r.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

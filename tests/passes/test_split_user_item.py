@@ -120,3 +120,20 @@ def test_movielens_metric_parity_for_split_ugsep(tmp_path: Path) -> None:
     assert [p["name"] for p in result.manifest["passes"]] == ["split-user-item"]
     m = result.parity["metrics"]
     assert m["status"] == "PASS" and abs(m["auc"]["delta"]) <= 1e-4 and result.parity["max_rel"] <= 1e-4
+
+
+def test_user_cache_stays_within_its_memory_bound_over_100k_users(ug_bundle: Path, ug_ckpt: Path) -> None:
+    source = load_source(ug_ckpt)
+    base = source.example_request(100, 100, seed=9)  # 100 users per request, one candidate each
+    bound = 256 * 1024
+    with Runtime.open(ug_bundle, cache_bytes=bound) as rt:
+        for r in range(1000):  # 100,000 distinct user ids
+            ids = tuple(range(r * 100, (r + 1) * 100))
+            rt.score(Request(user=base.user, item=base.item, user_index=base.user_index, user_ids=ids),
+                     validate=False)
+            assert rt.cache.stats.bytes <= bound
+        stats = rt.cache.stats
+    per_user = sum(int(np.prod([d for d in s.shape if isinstance(d, int)])) * 4
+                   for s in read_manifest(ug_bundle).segments[0].outputs)
+    assert stats.misses == 100_000 and stats.entries == bound // per_user
+    assert stats.evictions == 100_000 - stats.entries
