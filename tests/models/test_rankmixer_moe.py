@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from mixexport.models import FAMILIES, rankmixer, rankmixer_moe
 from mixexport.models.common import token_mix
+from tests.conftest import assert_training_reduces_loss
 
 
 def _model(seed: int = 0, **changes: object) -> rankmixer_moe.Model:
@@ -134,18 +135,7 @@ def test_dtsi_training_makes_inference_gates_exactly_zero_and_l1_adds_sparsity()
 
 def test_a_few_training_steps_reduce_the_loss() -> None:
     model = _model()
-    feeds = _feeds(model, 128, seed=5)
-    label = (feeds["item_cat"][:, 0] % 2).float()            # learnable from the item id
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    losses = []
-    for _ in range(25):
-        opt.zero_grad()
-        loss = model.training_loss(feeds, label)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    assert losses[-1] < 0.8 * losses[0]
+    assert_training_reduces_loss(model, _feeds(model, 128, seed=5))
 
 
 def test_block_reuses_rankmixer_post_norm_forward() -> None:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from mixexport.models import FAMILIES, tokenmixer_large as tml
 from mixexport.models.common import token_mix, token_revert
+from tests.conftest import assert_training_reduces_loss
 
 
 def _model(seed: int = 0, **changes: object) -> tml.Model:
@@ -123,18 +124,7 @@ def test_exported_eval_graph_has_no_aux_head_and_no_data_dependent_ops() -> None
 @pytest.mark.parametrize("moe", [True, False])
 def test_a_few_training_steps_reduce_the_loss(moe: bool) -> None:
     model = _model(moe=moe)
-    feeds = _feeds(model, 128, seed=5)
-    label = (feeds["item_cat"][:, 0] % 2).float()            # learnable from the item id
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    losses = []
-    for _ in range(25):
-        opt.zero_grad()
-        loss = model.training_loss(feeds, label)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    assert losses[-1] < 0.8 * losses[0]
+    assert_training_reduces_loss(model, _feeds(model, 128, seed=5))
 
 
 def test_config_validation() -> None:

@@ -18,6 +18,7 @@ from mixexport.runtime import Runtime
 from mixexport.source import load_source
 from mixexport.specs import Request
 from tests.cli_helpers import run_cli
+from tests.conftest import assert_bundle_matches_eager
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +61,7 @@ def test_structure_cache_user_item(lo_bundle: Path) -> None:
 
 @pytest.mark.parametrize("users,candidates", [(1, 1), (1, 7), (1, 256), (3, 7), (3, 256)])
 def test_kv_bundle_matches_eager(lo_bundle: Path, lo_ckpt: Path, users: int, candidates: int) -> None:
-    source = load_source(lo_ckpt)
-    req = source.example_request(users, candidates, seed=users * 100 + candidates)
-    with Runtime.open(lo_bundle) as rt, Runtime.reference(source) as ref:
-        got, want = rt.score(req)["logit"], ref.score(req)["logit"]
-    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-5
+    assert_bundle_matches_eager(lo_bundle, lo_ckpt, users, candidates)
 
 
 def test_hit_append_and_miss(lo_bundle: Path, lo_ckpt: Path) -> None:

@@ -18,6 +18,7 @@ from mixexport.pipeline import BuildOptions, build, initial_bundle
 from mixexport.runtime import Runtime
 from mixexport.source import load_source
 from mixexport.specs import Request
+from tests.conftest import assert_bundle_matches_eager
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +64,7 @@ def test_structure_user_and_item_segments(ug_bundle: Path) -> None:
 
 @pytest.mark.parametrize("users,candidates", [(1, 1), (1, 7), (1, 256), (3, 7), (3, 256)])
 def test_split_bundle_matches_eager(ug_bundle: Path, ug_ckpt: Path, users: int, candidates: int) -> None:
-    source = load_source(ug_ckpt)
-    req = source.example_request(users, candidates, seed=users * 1000 + candidates)
-    with Runtime.open(ug_bundle) as rt, Runtime.reference(source) as ref:
-        got, want = rt.score(req)["logit"], ref.score(req)["logit"]
-    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-5
+    assert_bundle_matches_eager(ug_bundle, ug_ckpt, users, candidates)
 
 
 def test_cache_hit_and_miss_give_the_same_scores(ug_bundle: Path, ug_ckpt: Path) -> None:
