@@ -281,11 +281,16 @@ class Runtime:
         for m in range(k, s_new, k):  # smallest number of appended items that explains the change (some kept)
             keep = s_new - m
             if keep <= s_old and (s_old - keep) % k == 0 and np.array_equal(new_seq[:keep], old_seq[s_old - keep:]):
-                fresh = self._run(seg, {n: (new[n][:, keep:] if n == seq_name else new[n]) for n in new})
+                # one new position is computed beside the last kept one (a torch.export program takes
+                # no size-1 axis; positions are independent, so the extra one is dropped again)
+                ctx = k if m == k else 0
+                fresh = self._run(seg, {n: (new[n][:, keep - ctx:] if n == seq_name else new[n]) for n in new})
                 drop = (s_old - keep) // k
                 seq_axes = spec["seq_axis"]
                 return {t: np.concatenate([np.take(entry[t], np.arange(drop, entry[t].shape[seq_axes[t]]),
-                                                   axis=seq_axes[t]), fresh[t]], axis=seq_axes[t]) for t in axes}
+                                                   axis=seq_axes[t]),
+                                           np.take(fresh[t], np.arange(ctx // k, fresh[t].shape[seq_axes[t]]),
+                                                   axis=seq_axes[t])], axis=seq_axes[t]) for t in axes}
         return None
 
 

@@ -40,6 +40,7 @@ class Source:
     default_passes: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     multiples: dict[str, tuple[str, int]] = field(default_factory=dict)  # "seq" -> ("groups", K): seq = K·groups
+    minimums: dict[str, int] = field(default_factory=dict)  # "groups" -> k: the model needs >= k positions
 
     @property
     def dataset(self) -> str | None:
@@ -124,10 +125,11 @@ def load_source(path: str | Path, roles: Mapping[str, str] | None = None) -> Sou
     from mixexport.models import family_module
 
     multiples = model.dim_multiples() if hasattr(model, "dim_multiples") else {}
+    minimums = model.dim_minimums() if hasattr(model, "dim_minimums") else {}
     return Source(kind="checkpoint", path=path, sha256=sha256_file(path), inputs=model.input_specs(),
                   outputs=model.output_specs(), module=model, family=ckpt.family, config=ckpt.config,
                   metadata=ckpt.metadata, default_passes=tuple(family_module(ckpt.family).DEFAULT_PASSES),
-                  multiples=multiples)
+                  multiples=multiples, minimums=minimums)
 
 
 def _is_pt2(path: Path) -> bool:
@@ -327,7 +329,7 @@ def dynamic_shapes(specs: tuple[TensorSpec, ...], multiples: Mapping[str, tuple[
         if name not in dims:
             if multiples and name in multiples:
                 base, k = multiples[name]
-                dims[name] = k * dim(base)
+                dims[name] = dim(base) if k == 1 else k * dim(base)  # 1·Dim would be a second Dim
             elif name.isidentifier():
                 dims[name] = torch.export.Dim(name, min=max(1, (minimums or {}).get(name, 1)))
             else:  # a linear expression of one named dim, e.g. "groups + 3"
@@ -346,7 +348,7 @@ def export_program(source: Source, rows: int = EXAMPLE_BATCH) -> torch.export.Ex
     """``torch.export`` the reference: a dynamic ``batch`` axis shared by every input, plus any other
     symbolic axis its specs declare (e.g. a variable-length behaviour sequence)."""
     feeds = {k: torch.from_numpy(v) for k, v in source.example_feeds(rows, seed=1234).items()}
-    dynamic = dynamic_shapes(source.inputs, source.multiples)
+    dynamic = dynamic_shapes(source.inputs, source.multiples, source.minimums)
     try:
         return torch.export.export(source.module, (), kwargs=feeds, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # noqa: BLE001 - report torch's reason in one line

@@ -32,15 +32,17 @@ Choices where the paper is silent or where serving decides ([inferred], models-s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from mixexport.specs import TensorSpec
 
-from .common import FeatureEmbedding, FeatureSchema, RankingModel, Towers
+from .common import FeatureEmbedding, FeatureSchema, RankingModel, Towers, random_feeds
 
 FAMILY = "longer"
 DEFAULT_PASSES: tuple[str, ...] = ("extract-kv-cache",)
@@ -151,6 +153,15 @@ class Model(RankingModel):
 
     def dim_multiples(self) -> dict[str, tuple[str, int]]:
         return {"seq": ("groups", self.config.merge)}
+
+    def dim_minimums(self) -> dict[str, int]:
+        """The model reads the ``recent`` last groups, so a sequence holds at least that many."""
+        return {"groups": self.config.recent}
+
+    def example_inputs(self, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Rows with at least two merged positions: torch.export turns a size-1 axis into a constant."""
+        schema = self.config.schema
+        return random_feeds(dataclasses.replace(schema, seq_len=max(schema.seq_len, 2 * self.config.merge)), rows, seed)
 
     def merged(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge K adjacent behaviours: items ``[B,S]`` → tokens ``[B,S/K,D]`` and validity ``[B,S/K]``."""

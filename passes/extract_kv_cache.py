@@ -179,7 +179,8 @@ def extract_kv_cache(bundle: Bundle, options: Options) -> PassResult:
     a, seg = p.analysis, bundle.segments[0]
     multiples = dict(bundle.source.multiples)
     k = multiples.get("seq", ("groups", 1))[1]
-    dims = {a.batch_expr: "users", p.groups_expr: "groups", _shape(a.placeholders[p.seq_input])[1]: "seq"}
+    # with one item per position (K = 1) the seq and groups symbols are one: the cache axis is "groups"
+    dims = {a.batch_expr: "users", _shape(a.placeholders[p.seq_input])[1]: "seq", p.groups_expr: "groups"}
     cache_specs = tuple(tensor_spec(n, f"cache_{i}", "cache", dims) for i, n in enumerate(p.cache))
     state_specs = tuple(tensor_spec(n, f"state_{i}", "state", dims) for i, n in enumerate(p.state))
     user_inputs = rename_batch(tuple(s for s in seg.inputs if s.user_side), "users")
@@ -219,9 +220,13 @@ def extract_kv_cache(bundle: Bundle, options: Options) -> PassResult:
     request = bundle.source.example_request(2, 5, seed=13)
     values: dict[str, np.ndarray] = {**request.user, **request.item, USER_INDEX.name: request.user_index}
     programs = {}
+    minimums = dim_minimums(seg.program, dims)
     for name, gm, ins, outs in segments_gm:
         feeds = {s.name: values[s.name] for s in ins}
-        programs[name] = export_segment(gm, ins, feeds, multiples, dim_minimums(seg.program, dims))
+        # the cache is per position: it takes any number of them (an append may add a single one),
+        # while the user and item segments keep the bounds the whole model proved (groups >= recent)
+        programs[name] = export_segment(gm, ins, feeds, multiples,
+                                        {"users": minimums.get("users", 1)} if name == "cache" else minimums)
         values.update(_run(programs[name], feeds, outs))
     diff = check_composition("extract-kv-cache", {o.name: values[o.name] for o in outputs},
                              _run(seg.program, request.rows(), seg.outputs), bundle.precision, options.check_atol)
@@ -244,19 +249,26 @@ def _bytes_per_position(spec: TensorSpec) -> int:
 
 def _append_check(program: Any, inputs: tuple[TensorSpec, ...], outs: tuple[TensorSpec, ...], axes: dict[str, int],
                   request: Any, seq_name: str, k: int, atol: float) -> dict[str, Any]:
-    """Cache of a window == concatenation of the caches of its two halves (at a group boundary)?"""
+    """Cache of a window == concatenation of the caches of its two halves (at a group boundary)?
+
+    The window is one user's request row, its sequence redrawn (random ids of the input's
+    vocabulary) when it holds fewer than 4 positions: each half needs 2, a torch.export program
+    takes no size-1 axis."""
     feeds = {s.name: request.user[s.name][:1] for s in inputs}
     seq = feeds[seq_name]
+    positions = seq.shape[1] // k
+    if positions < 4:
+        vocab = next(s.vocab for s in inputs if s.name == seq_name) or 2
+        seq = np.random.default_rng(17).integers(1, max(vocab, 2), size=(1, 4 * k)).astype(seq.dtype)
+        feeds[seq_name] = seq
     cut = (seq.shape[1] // k // 2) * k
-    if cut == 0:
-        return {"appendable": False, "reason": "the sample window has a single position"}
     whole = _run(program, feeds, outs)
     first = _run(program, {**feeds, seq_name: seq[:, :cut]}, outs)
     second = _run(program, {**feeds, seq_name: seq[:, cut:]}, outs)
     diff = max(float(np.max(np.abs(np.concatenate([first[s.name], second[s.name]], axis=axes[s.name]) - whole[s.name])))
                for s in outs)
     ok = diff <= atol
-    return {"appendable": ok, "max_abs_diff": diff, "split_at_item": cut,
+    return {"appendable": ok, "max_abs_diff": diff, "split_at_item": cut, "window_items": int(seq.shape[1]),
             "reason": "K/V of a position depend only on that position" if ok else
             "the cache of a position depends on other positions (e.g. absolute positions or a sequence-wide "
             "normalisation): appending would need a full recompute"}

@@ -202,6 +202,9 @@ def _gate_column(expert: Expert) -> tuple[fx.Node, fx.Node, int] | str:
     if mul is None or mul.target != aten.mul.Tensor or len(mul.args) != 2:
         return f"{expert.root}: its output is not multiplied by a gate only"
     sl = mul.args[1] if mul.args[0] is expert.output else mul.args[0]
+    st = _tensor(sl) if isinstance(sl, fx.Node) else None
+    if st is not None and sl.target != aten.slice.Tensor and st.ndim >= 2 and st.shape[-1] == 1:
+        return sl, mul, 0   # G[..., 0:1] of a one-column G: torch.export drops the no-op slice
     if not (isinstance(sl, fx.Node) and sl.target == aten.slice.Tensor):
         return f"{expert.root}: the gate is not a column slice G[..., c:c+1]"
     g, dim, start, end = (list(sl.args) + [None] * 4)[:4]
@@ -252,9 +255,9 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str]]:
                 members.setdefault(m["list"], {}).setdefault(int(m["idx"]), []).append(node)
     sites, reasons = [], []
     for name, group in members.items():
-        if len(group) < 2:
-            continue
         result = _match_site(gm, name, group)
+        if len(group) < 2 and not (isinstance(result, Site) and result.shared):
+            continue  # one routed expert is a MoE only beside an always-on one (E = 2, top-k = 2)
         (sites.append if isinstance(result, Site) else reasons.append)(result)
     return sites, reasons
 

@@ -92,6 +92,25 @@ def test_hit_append_and_miss(lo_bundle: Path, lo_ckpt: Path) -> None:
         assert rt.kv_stats["misses"] == 3
 
 
+def test_append_of_one_position(lo_bundle: Path, lo_ckpt: Path) -> None:
+    """One new merged position is encoded beside the last kept one (a size-1 axis is no valid
+    input of a torch.export program) and only the new one is appended."""
+    source = load_source(lo_ckpt)
+    req = with_ids(source.example_request(1, 4, seed=5), ("a",))
+    k = longer.tiny().merge
+    seq = req.user["seq_items"].copy()
+    seq[0] = np.concatenate([seq[0, k:], np.arange(1, k + 1)])
+    slid = with_ids(Request(user={**req.user, "seq_items": seq}, item=req.item, user_index=req.user_index), ("a",))
+    with Runtime.open(lo_bundle) as rt, Runtime.reference(source) as ref:
+        rt.score(req)
+        trace: dict = {}
+        rt.trace = trace
+        got = rt.score(slid)["logit"]
+        assert rt.kv_stats == {"hits": 0, "appends": 1, "misses": 1}
+        assert trace["cache"]["seq_items"].shape == (1, 2 * k)
+        np.testing.assert_allclose(got, ref.score(slid)["logit"], rtol=1e-5, atol=1e-6)
+
+
 def test_longer_sequences_and_growth(lo_bundle: Path, lo_ckpt: Path) -> None:
     source = load_source(lo_ckpt)
     req = source.example_request(1, 5, seed=8)
