@@ -54,6 +54,9 @@ REGRESSION_CASES = [
     ("kv-merge-1", _longer((KV,), merge=1, recent=1, extra_groups=3)),               # merge 1, seq_len 6
     # the append check cut a 3-position window into 1 + 2: a size-1 axis and below groups >= recent
     ("kv-append-short-window", _longer((KV,))),                                      # merge 2, seq_len 6
+    # one position in the model's schema, two in the sample: verify's append check replaced the whole
+    # window (nothing kept: a miss, not an append); it now keeps a position
+    ("kv-two-positions", _longer((KV,), merge=0, recent=1, extra_groups=1)),        # merge 2, seq_len 2
     # experts=2 is one shared + one routed expert: a one-member ModuleList, its no-op gate slice elided
     ("tml-pack-one-routed", replay(Case("tokenmixer-large", (PACK,), 0, {}, 1, 1, "interleaved"))),
 ]
@@ -156,6 +159,8 @@ def test_sampled_configs_are_valid(family: str, passes: tuple[str, ...], data: s
         assert case.config.get("moe", True)
     if QUANT in passes:
         assert case.config["dim"] >= QUANT_MIN_WIDTH
+        if family == "tokenmixer-large" and case.config["moe"] and case.config["top_k"] < case.config["experts"]:
+            assert case.config["down_init"] == 0.01   # top-k routing: see sample_tokenmixer_large
     assert 1 <= case.users and 1 <= case.candidates
 
 
