@@ -89,7 +89,7 @@ class Runtime:
                  segments: tuple[SegmentEntry, ...], sessions: Mapping[str, Session],
                  cache_bytes: int = DEFAULT_CACHE_BYTES, name: str = "bundle",
                  caches: list[dict[str, Any]] | tuple[dict[str, Any], ...] = (),
-                 multiples: Mapping[str, Any] | None = None) -> None:
+                 multiples: Mapping[str, Any] | None = None, minimums: Mapping[str, int] | None = None) -> None:
         self.inputs = inputs
         self.outputs = outputs
         self.segments = segments
@@ -101,6 +101,7 @@ class Runtime:
         self.kv_stats = {"hits": 0, "appends": 0, "misses": 0}
         self._kv_lock = threading.Lock()
         self.multiples = {k: tuple(v) for k, v in (multiples or {}).items()}
+        self.minimums = dict(minimums or {})  # e.g. groups >= recent: the model reads that many positions
         self.trace: dict[str, dict[str, np.ndarray]] | None = None  # set to record each segment's feeds
         self._user_specs = tuple(s for s in inputs if s.user_side)
         self._item_specs = tuple(s for s in inputs if not s.user_side)
@@ -126,7 +127,7 @@ class Runtime:
             sessions[seg.name] = be.prepare(manifest, seg)
         return cls(manifest.inputs, manifest.outputs, manifest.segments, sessions, cache_bytes,
                    name=backend or manifest.segments[0].backend, caches=manifest.data.get("caches", []),
-                   multiples=manifest.data["model"].get("multiples"))
+                   multiples=manifest.data["model"].get("multiples"), minimums=manifest.data["model"].get("minimums"))
 
     @classmethod
     def reference(cls, source: Source) -> Runtime:
@@ -136,7 +137,8 @@ class Runtime:
         seg = SegmentEntry(name="reference", role="full", file="", backend="eager",
                            inputs=source.inputs, outputs=source.outputs)
         return cls(source.inputs, source.outputs, (seg,),
-                   {"reference": EagerBackend().prepare_reference(source)}, name="eager")
+                   {"reference": EagerBackend().prepare_reference(source)}, name="eager",
+                   multiples=source.multiples, minimums=source.minimums)
 
     def close(self) -> None:
         self._stack.close()
@@ -157,6 +159,13 @@ class Runtime:
                 raise BadInputError(f"the {name} axis is {bound[name]}, expected a multiple of {k} ({k} items "
                                     f"per {base[:-1] if base.endswith('s') else base})",
                                     f"pad the sequence on the left with id 0 to a multiple of {k}")
+        axes = {name: (name, 1) for name in bound} | {base: (name, k) for name, (base, k) in self.multiples.items()}
+        for dim, lo in self.minimums.items():
+            name, k = axes.get(dim, (dim, 1))
+            if name in bound and bound[name] < lo * k:
+                raise BadInputError(f"the {name} axis is {bound[name]}, expected at least {lo * k}"
+                                    + (f" ({lo} {dim} of {k} items)" if k > 1 else ""),
+                                    "pad the sequence on the left with id 0")
         candidates = check_feeds(self._item_specs, request.item, what="item input").get("batch")
         idx = request.user_index
         if not isinstance(idx, np.ndarray) or idx.dtype != np.int64 or idx.ndim != 1:

@@ -126,6 +126,9 @@ def test_longer_sequences_and_growth(lo_bundle: Path, lo_ckpt: Path) -> None:
         bad = Request(user={**req.user, "seq_items": long_seq[:, :66]}, item=req.item, user_index=req.user_index)
         with pytest.raises(BadInputError, match="expected a multiple of 4"):
             rt.score(bad)
+        short = Request(user={**req.user, "seq_items": long_seq[:, :28]}, item=req.item, user_index=req.user_index)
+        with pytest.raises(BadInputError, match=r"the seq axis is 28, expected at least 32 \(8 groups of 4 items\)"):
+            rt.score(short)  # the model reads the last recent = 8 merged positions
 
 
 class BST(torch.nn.Module):
