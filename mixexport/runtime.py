@@ -159,9 +159,9 @@ class Runtime:
                 raise BadInputError(f"the {name} axis is {bound[name]}, expected a multiple of {k} ({k} items "
                                     f"per {base[:-1] if base.endswith('s') else base})",
                                     f"pad the sequence on the left with id 0 to a multiple of {k}")
-        axes = {name: (name, 1) for name in bound} | {base: (name, k) for name, (base, k) in self.multiples.items()}
+        derived = {base: (name, k) for name, (base, k) in self.multiples.items()}  # groups -> (seq, K)
         for dim, lo in self.minimums.items():
-            name, k = axes.get(dim, (dim, 1))
+            name, k = derived.get(dim, (dim, 1))
             if name in bound and bound[name] < lo * k:
                 raise BadInputError(f"the {name} axis is {bound[name]}, expected at least {lo * k}"
                                     + (f" ({lo} {dim} of {k} items)" if k > 1 else ""),

@@ -188,6 +188,17 @@ def check_feeds(specs: tuple[TensorSpec, ...], feeds: Mapping[str, np.ndarray],
     return bound
 
 
+def random_ids(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Random non-padding ids of ``spec`` (1 <= id < its vocabulary, per last-axis column when it has
+    one bound per column; id 0 pads, and is the only id of a 1-id vocabulary), in its dtype: e.g.
+    new behaviours for a sequence input."""
+    upper = np.asarray(spec.vocab if spec.vocab is not None else 2, dtype=np.int64)
+    low = (upper > 1).astype(np.int64)
+    if not upper.ndim:
+        low, upper = int(low), int(upper)
+    return rng.integers(low, upper, size=shape).astype(spec.dtype)
+
+
 def _bound_at(vocab: int | tuple[int, ...], index: list[int]) -> int:
     return vocab if isinstance(vocab, int) else vocab[index[-1]]
 

@@ -210,6 +210,12 @@ class RankingModel(nn.Module):
     family: ClassVar[str]
     config: Any
 
+    def __init__(self, config: Any) -> None:
+        """Every family keeps its config and embeds its ID features the same way."""
+        super().__init__()
+        self.config = config
+        self.embed = FeatureEmbedding(config.schema, config.emb_dim)
+
     def input_specs(self) -> tuple[TensorSpec, ...]:
         return self.config.schema.input_specs()
 

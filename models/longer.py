@@ -42,7 +42,7 @@ from torch import nn
 
 from mixexport.specs import TensorSpec
 
-from .common import FeatureEmbedding, FeatureSchema, RankingModel, Towers, random_feeds
+from .common import FeatureSchema, RankingModel, Towers, random_feeds
 
 FAMILY = "longer"
 DEFAULT_PASSES: tuple[str, ...] = ("extract-kv-cache",)
@@ -134,10 +134,8 @@ class Model(RankingModel):
     family = FAMILY
 
     def __init__(self, config: Config) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         c = config
-        self.embed = FeatureEmbedding(c.schema, c.emb_dim)
         self.merge_proj = nn.Linear(c.merge * c.emb_dim, c.dim)
         self.user_proj = nn.Linear(len(c.schema.user_vocab) * c.emb_dim, c.dim)
         self.target_proj = nn.Linear(self.embed.item_width, c.dim)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import FeatureEmbedding, FeatureSchema, PerTokenLinear, RankingModel, Towers, chunk_tokens, token_mix
+from .common import FeatureSchema, PerTokenLinear, RankingModel, Towers, chunk_tokens, token_mix
 
 FAMILY = "rankmixer"
 DEFAULT_PASSES: tuple[str, ...] = ()
@@ -85,10 +85,8 @@ class Model(RankingModel):
     family = FAMILY
 
     def __init__(self, config: Config) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         c = config
-        self.embed = FeatureEmbedding(c.schema, c.emb_dim)
         width = self.embed.user_width + self.embed.item_width
         self.chunk = math.ceil(width / c.tokens)
         self.tokenizer = PerTokenLinear(c.tokens, self.chunk, c.dim)

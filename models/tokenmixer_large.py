@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (FeatureEmbedding, FeatureSchema, PerTokenLinear, RankingModel, Towers, chunk_tokens,
+from .common import (FeatureSchema, PerTokenLinear, RankingModel, Towers, chunk_tokens,
                      token_mix, token_revert)
 
 FAMILY = "tokenmixer-large"
@@ -167,9 +167,8 @@ class Model(RankingModel):
     family = FAMILY
 
     def __init__(self, config: Config) -> None:
-        super().__init__()
-        self.config = c = config
-        self.embed = FeatureEmbedding(c.schema, c.emb_dim)
+        super().__init__(config)
+        c = config
         width = self.embed.user_width + self.embed.item_width
         self.groups = c.tokens - 1
         self.chunk = math.ceil(width / self.groups)

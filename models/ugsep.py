@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import FeatureEmbedding, FeatureSchema, PerTokenLinear, RankingModel, Towers, chunk_tokens
+from .common import FeatureSchema, PerTokenLinear, RankingModel, Towers, chunk_tokens
 from .rankmixer import PerTokenFFN
 
 FAMILY = "ugsep"
@@ -101,10 +101,8 @@ class Model(RankingModel):
     family = FAMILY
 
     def __init__(self, config: Config) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         c = config
-        self.embed = FeatureEmbedding(c.schema, c.emb_dim)
         self.user_chunk = math.ceil(self.embed.user_width / c.user_tokens)
         self.item_chunk = math.ceil(self.embed.item_width / c.item_tokens)
         self.user_tokenizer = PerTokenLinear(c.user_tokens, self.user_chunk, c.dim)

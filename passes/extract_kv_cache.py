@@ -37,7 +37,7 @@ from mixexport.partition import (Analysis, SegmentBuilder, analyze, batch_axis, 
 from mixexport.passes import PassInfo, PassResult
 from mixexport.passes.split_user_item import (USER_INDEX, _run, _single_full_segment, _where, check_composition,
                                              rename_batch)
-from mixexport.specs import TensorSpec
+from mixexport.specs import TensorSpec, random_ids
 
 SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default}
 MATMUL = {torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
@@ -256,11 +256,9 @@ def _append_check(program: Any, inputs: tuple[TensorSpec, ...], outs: tuple[Tens
     takes no size-1 axis."""
     feeds = {s.name: request.user[s.name][:1] for s in inputs}
     seq = feeds[seq_name]
-    positions = seq.shape[1] // k
-    if positions < 4:
-        vocab = next(s.vocab for s in inputs if s.name == seq_name) or 2
-        seq = np.random.default_rng(17).integers(1, max(vocab, 2), size=(1, 4 * k)).astype(seq.dtype)
-        feeds[seq_name] = seq
+    if seq.shape[1] // k < 4:
+        seq = feeds[seq_name] = random_ids(next(s for s in inputs if s.name == seq_name), (1, 4 * k),
+                                           np.random.default_rng(17))
     cut = (seq.shape[1] // k // 2) * k
     whole = _run(program, feeds, outs)
     first = _run(program, {**feeds, seq_name: seq[:, :cut]}, outs)

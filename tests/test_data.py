@@ -81,3 +81,14 @@ def test_random_feeds_respect_each_columns_vocab() -> None:
     f = random_feeds(schema, 200, seed=1)
     assert f["user_cat"][:, 0].max() < 3 and f["user_cat"][:, 1].max() < 50 and f["item_cat"].max() < 2
     assert f["seq_items"].max() < 9
+
+
+def test_random_ids_are_non_padding_and_inside_each_columns_vocab() -> None:
+    from mixexport.specs import TensorSpec, check_feeds, random_ids
+
+    spec = TensorSpec("user_cat", "int32", ("batch", 3), "user", (2, 50, 1))
+    ids = random_ids(spec, (500, 3), np.random.default_rng(0))
+    assert ids.dtype == np.int32 and check_feeds((spec,), {"user_cat": ids}) == {"batch": 500}
+    assert ids[:, 0].min() == ids[:, 0].max() == 1 and ids[:, 1].min() >= 1 and not ids[:, 2].any()
+    seq = random_ids(TensorSpec("seq_items", "int64", ("batch", "seq"), "sequence", 9), (4, 6), np.random.default_rng(1))
+    assert seq.shape == (4, 6) and 1 <= seq.min() and seq.max() < 9

@@ -14,7 +14,7 @@ from mixexport.data import MOVIELENS, Split, load_npz_split, movielens_100k, mov
 from mixexport.errors import BadInputError, GateFailedError
 from mixexport.runtime import Runtime
 from mixexport.source import Source, load_source
-from mixexport.specs import Request
+from mixexport.specs import Request, random_ids
 from mixexport.verification.compare import Tolerance, compare_outputs, resolve_tolerances
 from mixexport.verification.int8 import int8_survival
 from mixexport.verification.latency import DEFAULT_CANDIDATES, machine_info, summarize, time_interleaved
@@ -132,9 +132,8 @@ def _cache_checks(manifest: Manifest, source: Source, rt: Runtime, ref: Runtime,
             out.append({"check": f"{spec['name']} append", "passed": True,
                         "detail": "the sample window holds one position, none to keep: skipped"})
             continue
-        vocab = next(s.vocab for s in source.inputs if s.name == seq) or 2
-        new_items = np.random.default_rng(5).integers(1, int(vocab if isinstance(vocab, int) else max(vocab)),
-                                                      size=(window.shape[0], m))
+        seq_spec = next(s for s in source.inputs if s.name == seq)
+        new_items = random_ids(seq_spec, (window.shape[0], m), np.random.default_rng(5))
         user = dict(req.user)
         user[seq] = np.ascontiguousarray(np.concatenate([window[:, m:], new_items], axis=1))
         appended = Request(user=user, item=req.item, user_index=req.user_index, user_ids=req.user_ids)
