@@ -16,6 +16,7 @@ so a server never sees a half-written bundle; ``--force`` swaps the old one out 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -29,14 +30,15 @@ from typing import Any, Iterator
 import onnx
 
 from mixexport import __version__
-from mixexport.errors import BadInputError, GateFailedError
+from mixexport.errors import BadInputError, GateFailedError, IntegrityError
+from mixexport.manifest_check import SEGMENT_ROLES, validate
 from mixexport.source import Source, sha256_file
 from mixexport.specs import TensorSpec
+from mixexport.trust import check_files, external_data_files, file_digest, resolve_inside
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 STAGES = ("program", "onnx")
-SEGMENT_ROLES = ("full", "cache", "user", "item")
 
 
 @dataclass(frozen=True)
@@ -143,13 +145,21 @@ class BundleWriter:
         return p
 
     def write_json(self, rel: str, data: Any) -> Path:
+        if rel == MANIFEST:
+            # an interim manifest (the build's own verify and bench read it) lists the files written
+            # so far with their sha256: those runs load files under the same checks as a server's
+            data = {**data, "files": self.hashes()}
         p = self.path(rel)
         p.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
         return p
 
+    def hashes(self) -> dict[str, str]:
+        """sha256 of every file written so far (the manifest excluded), by bundle-relative path."""
+        return {rel: sha256_file(self.tmp / rel) for rel in self._files()}
+
     def commit(self, manifest: dict[str, Any]) -> Path:
         manifest = dict(manifest)
-        manifest["files"] = {rel: sha256_file(self.tmp / rel) for rel in self._files()}
+        manifest["files"] = self.hashes()
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
         old = None
         if self.out.exists():
@@ -252,6 +262,7 @@ class Manifest:
     root: Path
     data: dict[str, Any]
     segments: tuple[SegmentEntry, ...]
+    sha256: str = ""   # of manifest.json's bytes as read (pin it: ``read_manifest(..., sha256=)``)
 
     @property
     def source(self) -> dict[str, Any]:
@@ -270,27 +281,61 @@ class Manifest:
         return tuple(TensorSpec.from_json(s) for s in self.data["model"]["outputs"])
 
     def file(self, rel: str) -> Path:
-        return self.root / rel
+        """The path of ``rel`` inside the bundle, refused (:class:`IntegrityError`) unless it is
+        relative, without ``..``, and resolves inside the bundle directory (links followed)."""
+        return resolve_inside(self.root, rel, "bundle path")
+
+    def loaded_files(self, segment: SegmentEntry, backend: str) -> list[str]:
+        """The files ``backend`` loads for ``segment``: its engine for that backend (an AOTI package,
+        a TensorRT plan) if the manifest records one, else for ONNX Runtime the ONNX file and the
+        external-data files it names (their locations checked against the path rule)."""
+        engine = segment.engines.get(backend)
+        if engine:
+            return [engine]
+        if backend == "onnxruntime":
+            return [segment.file, *external_data_files(self.root, segment.file)]
+        return []
+
+    def check_files(self, rels: list[str]) -> None:
+        """Refuse (:class:`IntegrityError`, the file named) any of ``rels`` that is missing, unlisted
+        in ``files`` or does not match its sha256 there."""
+        check_files(self.root, self.data["files"], rels)
 
 
 _REQUIRED = {"schema_version": int, "versions": dict, "model": dict, "target": str, "segments": list,
              "caches": list, "passes": list, "files": dict}
 _REQUIRED_MODEL = {"source": dict, "inputs": list, "outputs": list}
-_REQUIRED_SEGMENT = {"name": str, "role": str, "file": str, "backend": str, "inputs": list, "outputs": list}
+MAX_MANIFEST_BYTES = 64 * 1024**2
 
 
-def read_manifest(bundle_dir: str | Path) -> Manifest:
-    """Read and validate ``manifest.json``; every problem is one :class:`BadInputError` line."""
+def read_manifest(bundle_dir: str | Path, sha256: str | None = None) -> Manifest:
+    """Read and validate ``manifest.json``; every problem is one :class:`BadInputError` line, and a
+    path that leaves the bundle an :class:`IntegrityError` (see :mod:`mixexport.manifest_check`).
+
+    ``sha256``: the manifest's own digest as published (e.g. by a model registry); a manifest whose
+    bytes do not match it is refused before it is parsed.
+    """
     root = Path(bundle_dir)
     path = root / MANIFEST
     if not root.is_dir():
         raise BadInputError(f"{root} is not a bundle directory", "pass the --out of `mixexport build`")
     if not path.is_file():
         raise BadInputError(f"{root} has no {MANIFEST}", "pass the --out of `mixexport build`")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BadInputError(f"{path} is {path.stat().st_size} bytes, more than a manifest's "
+                            f"{MAX_MANIFEST_BYTES}", "rebuild the bundle")
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if sha256 is not None and digest != sha256.strip().lower():
+        raise IntegrityError(f"{path} has sha256 {digest}, not the pinned {sha256.strip()[:64]}",
+                             "the manifest is not the one that was published; fetch the bundle again")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+                          parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:
-        raise BadInputError(f"{path} is not valid JSON ({e})", "rebuild the bundle") from None
+        raise BadInputError(f"{path} is not valid JSON ({str(e)[:200]})", "rebuild the bundle") from None
+    except RecursionError:
+        raise BadInputError(f"{path} is nested too deeply to be a manifest", "rebuild the bundle") from None
     if not isinstance(data, dict):
         raise BadInputError(f"{path}: expected a JSON object, found {type(data).__name__}", "rebuild the bundle")
     version = data.get("schema_version")
@@ -302,25 +347,29 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
         raise BadInputError(f"{path}: unsupported bundle schema version {version!r} (expected "
                             f"{SCHEMA_VERSION})", "rebuild the bundle with this mixexport")
     _check_keys(path, "model", data["model"], _REQUIRED_MODEL)
-    segments = []
-    for i, seg in enumerate(data["segments"]):
-        _check_keys(path, f"segments[{i}]", seg, _REQUIRED_SEGMENT)
-        if seg["role"] not in SEGMENT_ROLES:
-            raise BadInputError(f"{path}: segments[{i}].role is {seg['role']!r}, expected one of "
-                                f"{SEGMENT_ROLES}", "rebuild the bundle")
-        try:
-            ins = tuple(TensorSpec.from_json(s) for s in seg["inputs"])
-            outs = tuple(TensorSpec.from_json(s) for s in seg["outputs"])
-        except (KeyError, TypeError) as e:
-            raise BadInputError(f"{path}: segments[{i}] has a malformed tensor spec ({e})",
-                                "rebuild the bundle") from None
-        segments.append(SegmentEntry(name=seg["name"], role=seg["role"], file=seg["file"],
-                                     backend=seg["backend"], inputs=ins, outputs=outs,
-                                     engines=dict(seg.get("engines") or {}),
-                                     session_options=dict(seg.get("session_options") or {})))
-    if not segments:
-        raise BadInputError(f"{path}: the bundle has no segments", "rebuild the bundle")
-    return Manifest(root=root, data=data, segments=tuple(segments))
+    validate(path, root, data)
+    segments = tuple(
+        SegmentEntry(name=seg["name"], role=seg["role"], file=seg["file"], backend=seg["backend"],
+                     inputs=tuple(TensorSpec.from_json(s) for s in seg["inputs"]),
+                     outputs=tuple(TensorSpec.from_json(s) for s in seg["outputs"]),
+                     engines=dict(seg.get("engines") or {}), session_options=dict(seg.get("session_options") or {}))
+        for seg in data["segments"])
+    return Manifest(root=root, data=data, segments=segments, sha256=digest)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # a key given twice means different things to different JSON readers (Python keeps the last):
+    # a manifest must mean one thing to every reader of it, the C++ example's included
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _check_keys(path: Path, where: str, obj: Any, required: dict[str, type]) -> None:
@@ -336,22 +385,27 @@ def _check_keys(path: Path, where: str, obj: Any, required: dict[str, type]) -> 
 
 
 def check_integrity(manifest: Manifest) -> None:
-    """Every file listed in the manifest exists with its sha256, and nothing unlisted is referenced.
+    """Every file listed in the manifest exists with its sha256, nothing unlisted is referenced, and
+    every external-data location inside every ONNX file obeys the path rule and is listed.
 
-    Raises :class:`GateFailedError` naming every missing or changed file.
+    Raises :class:`GateFailedError` naming every missing or changed file (an
+    :class:`IntegrityError` for a path that leaves the bundle).
     """
     problems = []
     for rel, digest in manifest.data["files"].items():
-        p = manifest.root / rel
+        p = manifest.file(rel)
         if not p.is_file():
             problems.append(f"missing {rel}")
-        elif sha256_file(p) != digest:
+        elif file_digest(p) != digest:
             problems.append(f"changed {rel}")
     listed = set(manifest.data["files"])
-    for seg in manifest.segments:
-        for rel in [seg.file, *seg.engines.values()]:
-            if rel not in listed:
-                problems.append(f"unlisted {rel}")
+    referenced = [rel for seg in manifest.segments for rel in [seg.file, *seg.engines.values()]]
+    for rel in sorted(listed):
+        if rel.endswith(".onnx") and manifest.file(rel).is_file():
+            referenced += external_data_files(manifest.root, rel)
+    for rel in dict.fromkeys(referenced):
+        if rel not in listed:
+            problems.append(f"unlisted {rel}")
     if problems:
         raise GateFailedError(f"bundle integrity check failed: {', '.join(problems)}",
                               "the bundle was modified after build; rebuild it")

@@ -43,6 +43,11 @@ class GateFailedError(MixexportError):
     exit_code = 1
 
 
+class IntegrityError(GateFailedError):
+    """A bundle broke its trust boundary: a path leaving the bundle, a file that does not match its
+    sha256 in the manifest (or has none), a manifest that does not match its pinned sha256."""
+
+
 class EnvironmentUnavailableError(MixexportError):
     """A backend, device, optional package or dataset is not available here."""
 

@@ -27,7 +27,7 @@ def inspect_bundle(path: str) -> dict[str, Any]:
     from mixexport.bundle import read_manifest
 
     m = read_manifest(path)
-    return {"kind": "bundle", "path": str(Path(path)), **m.data}
+    return {"kind": "bundle", "path": str(Path(path)), "manifest_sha256": m.sha256, **m.data}
 
 
 @click.command("inspect")
@@ -43,7 +43,7 @@ def command(path: str, as_json: bool) -> int:
 
     if info["kind"] == "bundle":
         click.echo(f"bundle {info['path']}: {info['model'].get('family') or 'program'}, target {info['target']}, "
-                   f"precision {info.get('precision')}, parity {info.get('parity', {}).get('status', '?')}")
+                   f"precision {info.get('precision')}, parity {(info.get('parity') or {}).get('status', '?')}")
         for seg in info["segments"]:
             click.echo(f"  segment {seg['name']} ({seg['role']}, {seg['backend']}): {seg['file']}")
             for s in seg["inputs"]:
@@ -52,6 +52,8 @@ def command(path: str, as_json: bool) -> int:
                 click.echo(f"    out {describe(TensorSpec.from_json(s))}")
         click.echo(f"  passes: {', '.join(p['name'] for p in info['passes']) or 'none'}; "
                    f"{len(info['files'])} files with sha256")
+        click.echo(f"  manifest sha256: {info['manifest_sha256']} (pin it: verify --manifest-sha256, "
+                   "Runtime.open(manifest_sha256=))")
         return 0
     click.echo(f"{info['kind']} {info['path']}: family {info['family'] or '(own program)'}, "
                f"{info['params']:,} parameters")

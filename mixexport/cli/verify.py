@@ -15,16 +15,21 @@ from mixexport.cli.options import (backend_option, checkpoint_option, data_optio
 @device_option
 @data_options
 @tolerance_options
+@click.option("--manifest-sha256", "manifest_sha256", metavar="HEX", default=None,
+              help="Refuse the bundle unless its manifest.json has this sha256 (as published with it).")
 @json_option
 @click.pass_context
 def command(ctx: click.Context, bundle: str, checkpoint: str | None, backend: str | None, device: str,
-            data: str | None, no_metrics: bool, atol: tuple[str, ...], rtol: tuple[str, ...], as_json: bool) -> int:
+            data: str | None, no_metrics: bool, atol: tuple[str, ...], rtol: tuple[str, ...],
+            manifest_sha256: str | None, as_json: bool) -> int:
     """Check BUNDLE's files against its manifest, then its outputs against the eager model."""
+    from mixexport.bundle import read_manifest
     from mixexport.verification import verify_bundle
     from mixexport.verification.compare import parse_tolerances
 
     with progress(ctx) as say:
-        report = verify_bundle(bundle, checkpoint=checkpoint, backend=backend, device=device, data=data,
+        manifest = read_manifest(bundle, sha256=manifest_sha256)  # a bad path or pin: exit 1 before any work
+        report = verify_bundle(manifest, checkpoint=checkpoint, backend=backend, device=device, data=data,
                                metrics=not no_metrics, atol=parse_tolerances(atol, "atol"),
                                rtol=parse_tolerances(rtol, "rtol"), progress=say)
     if as_json:

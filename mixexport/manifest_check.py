@@ -1,0 +1,339 @@
+"""What ``read_manifest`` proves about a ``manifest.json`` before anything else reads it.
+
+A manifest comes from outside (a registry, another host), so every value the runtime, ``verify``,
+``inspect`` or a backend later uses is checked here for its type and range, and every cross
+reference for consistency. Each problem is one line naming the entry (``segments[1].inputs[3]``):
+
+- types and ranges: names are short printable strings, dims and counts are bounded non-negative
+  integers (no huge or negative numbers reach an allocation), dtypes and roles are known words;
+- paths: every path the manifest names obeys the bundle path rule (:mod:`mixexport.trust`);
+- segments: unique names, one of the runtime's layouts (``full``; ``user`` + ``item``; ``cache`` +
+  ``item``; ``cache`` + ``user`` + ``item``), and a segment graph without cycles: each segment reads
+  model inputs, ``user_index`` or outputs of a segment that runs before it, with the same dtype;
+- session options: only those the backend understands, and none that makes ONNX Runtime write a
+  file (``optimized_model_path``, config entries naming files or paths).
+
+Keys a reader does not use (``ops``, ``created``, report fields) may be absent or hold anything;
+unknown keys are ignored, as the schema version allows additions.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from mixexport.errors import BadInputError
+from mixexport.trust import resolve_inside
+
+HINT = "rebuild the bundle, or fetch it again from where it was published"
+SEGMENT_ROLES = ("full", "cache", "user", "item")
+LAYOUTS = ({"full"}, {"user", "item"}, {"cache", "item"}, {"cache", "user", "item"})
+RUN_ORDER = {"cache": 0, "full": 1, "user": 1, "item": 2}
+TENSOR_ROLES = ("user", "item", "sequence", "state", "cache", "index", "output")
+MAX_DIM = 2**31 - 1
+MAX_ITEMS = 4096            # list lengths (specs per segment, files, passes)
+_DTYPE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+ORT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+ORT_OPTIONS = ("graph_optimization_level", "config", "intra_op_num_threads")
+#: words in an ORT session config key that make the session read or write a file of its own choosing
+ORT_FILE_WORDS = ("file", "path", "save", "dump", "context", "library", "folder", "dir")
+
+
+class _Check:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, where: str, problem: str) -> BadInputError:
+        return BadInputError(f"{self.path}: {where} {problem}", HINT)
+
+    def obj(self, v: Any, where: str) -> dict[str, Any]:
+        if not isinstance(v, dict):
+            raise self.fail(where, f"must be an object, found {_kind(v)}")
+        return v
+
+    def array(self, v: Any, where: str, lo: int = 0) -> list[Any]:
+        if not isinstance(v, list):
+            raise self.fail(where, f"must be a list, found {_kind(v)}")
+        if not lo <= len(v) <= MAX_ITEMS:
+            raise self.fail(where, f"must hold {lo} to {MAX_ITEMS} entries, found {len(v)}")
+        return v
+
+    def key(self, d: dict[str, Any], key: str, where: str) -> Any:
+        if key not in d:
+            raise self.fail(where, f"is missing {key!r}")
+        return d[key]
+
+    def name(self, v: Any, where: str, longest: int = 256) -> str:
+        if not isinstance(v, str):
+            raise self.fail(where, f"must be a string, found {_kind(v)}")
+        if not 0 < len(v) <= longest or not v.isprintable() or not _utf8(v):
+            raise self.fail(where, f"must be 1 to {longest} printable characters, found {_short(v)}")
+        return v
+
+    def integer(self, v: Any, where: str, lo: int = 0, hi: int = MAX_DIM) -> int:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise self.fail(where, f"must be an integer, found {_kind(v)}")
+        if not lo <= v <= hi:
+            raise self.fail(where, f"must be in [{lo}, {hi}], found {_short(v)}")
+        return v
+
+    def number(self, v: Any, where: str) -> float:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise self.fail(where, f"must be a finite number >= 0, found {_short(v)}")
+        return float(v)
+
+    def choice(self, v: Any, where: str, allowed: tuple[str, ...]) -> str:
+        if v not in allowed:
+            raise self.fail(where, f"is {_short(v)}, expected one of {', '.join(allowed)}")
+        return v
+
+    def spec(self, v: Any, where: str) -> dict[str, Any]:
+        d = self.obj(v, where)
+        self.name(self.key(d, "name", where), f"{where}.name")
+        dtype = self.key(d, "dtype", where)
+        if not isinstance(dtype, str) or not _DTYPE.fullmatch(dtype):
+            raise self.fail(f"{where}.dtype", f"must be a dtype name (float32, int64, ...), found {_short(dtype)}")
+        shape = self.array(self.key(d, "shape", where), f"{where}.shape")
+        if len(shape) > 16:
+            raise self.fail(f"{where}.shape", f"has {len(shape)} axes, more than 16")
+        for k, dim in enumerate(shape):
+            if isinstance(dim, str):
+                self.name(dim, f"{where}.shape[{k}]", longest=64)
+            else:
+                self.integer(dim, f"{where}.shape[{k}]")
+        self.choice(self.key(d, "role", where), f"{where}.role", TENSOR_ROLES)
+        vocab = d.get("vocab")
+        if isinstance(vocab, list):
+            self.array(vocab, f"{where}.vocab", lo=1)
+            for k, n in enumerate(vocab):
+                self.integer(n, f"{where}.vocab[{k}]", lo=1, hi=2**62)
+            if shape and isinstance(shape[-1], int) and len(vocab) != shape[-1]:
+                raise self.fail(f"{where}.vocab", f"has {len(vocab)} entries for a last axis of {shape[-1]}")
+        elif vocab is not None:
+            self.integer(vocab, f"{where}.vocab", lo=1, hi=2**62)
+        return d
+
+    def specs(self, v: Any, where: str, lo: int = 0) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for k, s in enumerate(self.array(v, where, lo)):
+            s = self.spec(s, f"{where}[{k}]")
+            if s["name"] in out:
+                raise self.fail(where, f"names {s['name']!r} twice")
+            out[s["name"]] = s
+        return out
+
+
+def validate(path: Path, root: Path, data: dict[str, Any]) -> None:
+    """Raise one :class:`BadInputError` (or an :class:`IntegrityError` for a path leaving the bundle)
+    for the first problem of the manifest ``data`` read from ``path`` in bundle ``root``."""
+    c = _Check(path)
+    model = c.obj(data["model"], "model")
+    _model(c, model)
+    inputs = c.specs(model["inputs"], "model.inputs")
+    outputs = c.specs(model["outputs"], "model.outputs", lo=1)
+    for key in ("target", "device", "precision"):
+        if data.get(key) is not None:
+            c.name(data[key], key, longest=64)
+    for key in ("parity", "tolerance"):
+        if key in data and not isinstance(data[key], dict):
+            raise c.fail(key, f"must be an object, found {_kind(data[key])}")
+    tol = data.get("tolerance") or {}
+    for key in ("rtol", "atol"):
+        if key in tol:
+            c.number(tol[key], f"tolerance.{key}")
+    files = c.obj(data["files"], "files")
+    if len(files) > MAX_ITEMS:
+        raise c.fail("files", f"lists {len(files)} files, more than {MAX_ITEMS}")
+    for rel, digest in files.items():
+        resolve_inside(root, rel, "files key")
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+            raise c.fail(f"files[{rel!r}]", f"must be a sha256 (64 lowercase hex digits), found {_short(digest)}")
+    segments = _segments(c, root, data["segments"])
+    _graph(c, segments, inputs, outputs)
+    _caches(c, data["caches"], segments, inputs)
+    for k, p in enumerate(c.array(data["passes"], "passes")):
+        p = c.obj(p, f"passes[{k}]")
+        c.name(c.key(p, "name", f"passes[{k}]"), f"passes[{k}].name", longest=64)
+        for key in ("options", "report"):
+            if not isinstance(p.get(key, {}), dict):
+                raise c.fail(f"passes[{k}].{key}", f"must be an object, found {_kind(p[key])}")
+        if p["name"] == "quantize-w8a16":
+            _w8a16_report(c, p.get("report") or {}, f"passes[{k}].report")
+
+
+def _model(c: _Check, model: dict[str, Any]) -> None:
+    source = c.obj(model["source"], "model.source")
+    c.name(c.key(source, "path", "model.source"), "model.source.path", longest=4096)
+    sha = c.key(source, "sha256", "model.source")
+    if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
+        raise c.fail("model.source.sha256", f"must be a sha256 (64 lowercase hex digits), found {_short(sha)}")
+    if model.get("family") is not None:
+        c.name(model["family"], "model.family", longest=64)
+    roles = model.get("roles")
+    if roles is not None:
+        for name, role in c.obj(roles, "model.roles").items():
+            c.name(name, "model.roles key")
+            c.choice(role, f"model.roles[{name!r}]", ("user", "item", "sequence"))
+    for name, entry in c.obj(model.get("multiples") or {}, "model.multiples").items():
+        where = f"model.multiples[{c.name(name, 'model.multiples key', 64)!r}]"
+        entry = c.array(entry, where)
+        if len(entry) != 2:
+            raise c.fail(where, f"must be [axis name, factor], found {len(entry)} entries")
+        c.name(entry[0], f"{where}[0]", longest=64)
+        c.integer(entry[1], f"{where}[1]", lo=1, hi=2**20)
+    for name, lo in c.obj(model.get("minimums") or {}, "model.minimums").items():
+        c.integer(lo, f"model.minimums[{c.name(name, 'model.minimums key', 64)!r}]", hi=2**20)
+
+
+def _segments(c: _Check, root: Path, value: Any) -> list[dict[str, Any]]:
+    segments = c.array(value, "segments", lo=1)
+    names: set[str] = set()
+    for i, seg in enumerate(segments):
+        where = f"segments[{i}]"
+        seg = c.obj(seg, where)
+        for key in ("name", "role", "file", "backend", "inputs", "outputs"):
+            c.key(seg, key, where)
+        name = c.name(seg["name"], f"{where}.name", longest=64)
+        if name in names:
+            raise c.fail("segments", f"name segment {name!r} twice")
+        names.add(name)
+        c.choice(seg["role"], f"{where}.role", SEGMENT_ROLES)
+        backend = c.name(seg["backend"], f"{where}.backend", longest=64)
+        c.specs(seg["inputs"], f"{where}.inputs")
+        c.specs(seg["outputs"], f"{where}.outputs", lo=1)
+        resolve_inside(root, seg["file"], f"{where}.file")
+        for k, rel in enumerate(c.array(seg.get("data_files") or [], f"{where}.data_files")):
+            resolve_inside(root, rel, f"{where}.data_files[{k}]")
+        for be, rel in c.obj(seg.get("engines") or {}, f"{where}.engines").items():
+            c.name(be, f"{where}.engines key", longest=64)
+            resolve_inside(root, rel, f"{where}.engines[{be!r}]")
+        _session_options(c, backend, c.obj(seg.get("session_options") or {}, f"{where}.session_options"),
+                         f"{where}.session_options")
+    roles = [s["role"] for s in segments]
+    if set(roles) not in LAYOUTS or len(roles) != len(set(roles)):
+        raise c.fail("segments", f"have roles {roles}: a bundle has one full segment, or user/cache segments "
+                                 "and one item segment")
+    return sorted(segments, key=lambda s: RUN_ORDER[s["role"]])
+
+
+def _session_options(c: _Check, backend: str, options: dict[str, Any], where: str) -> None:
+    if backend == "onnxruntime":
+        unknown = sorted(set(options) - set(ORT_OPTIONS))
+        if unknown:
+            raise c.fail(where, f"holds {unknown}, which a bundle may not set (known: {', '.join(ORT_OPTIONS)})")
+        if "graph_optimization_level" in options:
+            c.choice(options["graph_optimization_level"], f"{where}.graph_optimization_level", ORT_LEVELS)
+        if options.get("intra_op_num_threads") is not None:
+            c.integer(options["intra_op_num_threads"], f"{where}.intra_op_num_threads", hi=1024)
+        for key, value in c.obj(options.get("config") or {}, f"{where}.config").items():
+            c.name(key, f"{where}.config key", longest=128)
+            if any(w in key.lower() for w in ORT_FILE_WORDS) or not key.startswith(("session.", "optimization.")):
+                raise c.fail(f"{where}.config", f"sets {key!r}: a bundle may set only session.* and "
+                                                "optimization.* entries that name no file or path")
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool) or len(str(value)) > 1024:
+                raise c.fail(f"{where}.config[{key!r}]", f"must be a short string or number, found {_short(value)}")
+        return
+    for key, value in options.items():  # other backends: flat scalars (aoti: device; tensorrt: flags)
+        c.name(key, f"{where} key", longest=64)
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise c.fail(f"{where}[{key!r}]", f"must be a string, number or boolean, found {_kind(value)}")
+    if backend == "aoti" and "device" in options:
+        c.choice(options["device"], f"{where}.device", ("cpu", "cuda"))
+
+
+def _graph(c: _Check, segments: list[dict[str, Any]], inputs: Mapping[str, dict[str, Any]],
+           outputs: Mapping[str, dict[str, Any]]) -> None:
+    """Segments in run order; each reads model inputs, ``user_index`` or earlier segments' outputs."""
+    producer: dict[str, tuple[int, str, dict[str, Any]]] = {}
+    for order, seg in enumerate(segments):
+        for s in seg["outputs"]:
+            if s["name"] in inputs or s["name"] in producer:
+                other = "a model input" if s["name"] in inputs else f"segment {producer[s['name']][1]!r}"
+                raise c.fail(f"segment {seg['name']!r}", f"outputs {s['name']!r}, which {other} already provides")
+            producer[s["name"]] = (order, seg["name"], s)
+    for order, seg in enumerate(segments):
+        for s in seg["inputs"]:
+            where = f"segment {seg['name']!r} input {s['name']!r}"
+            if s["name"] in producer:
+                p_order, p_name, p_spec = producer[s["name"]]
+                if p_order >= order:
+                    how = "itself" if p_name == seg["name"] else f"segment {p_name!r}, which runs after it"
+                    raise c.fail(where, f"is an output of {how} (a cycle between segment inputs and outputs)")
+                want = p_spec
+            elif s["name"] in inputs:
+                want = inputs[s["name"]]
+            elif s["name"] == "user_index" and seg["role"] == "item":
+                want = {"dtype": "int64", "shape": ["candidates"], "role": "index"}
+            else:
+                raise c.fail(where, "is neither a model input nor an output of an earlier segment")
+            if s["dtype"] != want["dtype"] or len(s["shape"]) != len(want["shape"]) or s["role"] != want["role"]:
+                raise c.fail(where, f"is {s['dtype']} {s['role']} of rank {len(s['shape'])}, but its source is "
+                                    f"{want['dtype']} {want['role']} of rank {len(want['shape'])}")
+    last = segments[-1]
+    got = {s["name"]: s for s in last["outputs"]}
+    for name, spec in outputs.items():
+        if name not in got or got[name]["dtype"] != spec["dtype"]:
+            raise c.fail(f"segment {last['name']!r}", f"does not output the model output {name!r} ({spec['dtype']})")
+
+
+def _caches(c: _Check, value: Any, segments: list[dict[str, Any]], inputs: Mapping[str, dict[str, Any]]) -> None:
+    caches = c.array(value, "caches")
+    producer = next((s for s in segments if s["role"] == "cache"), None)
+    if (producer is None) != (not caches) or len(caches) > 1:
+        raise c.fail("caches", f"lists {len(caches)} caches for {'one cache segment' if producer else 'no cache segment'}")
+    if producer is None:
+        return
+    where = "caches[0]"
+    cache = c.obj(caches[0], where)
+    for key in ("name", "producer", "tensors", "seq_axis", "input", "items_per_position", "appendable"):
+        c.key(cache, key, where)
+    c.name(cache["name"], f"{where}.name", longest=64)
+    if cache["producer"] != producer["name"]:
+        raise c.fail(f"{where}.producer", f"is {_short(cache['producer'])}, not the cache segment {producer['name']!r}")
+    tensors = c.specs(cache["tensors"], f"{where}.tensors", lo=1)
+    outs = {s["name"]: s for s in producer["outputs"]}
+    axes = c.obj(cache["seq_axis"], f"{where}.seq_axis")
+    if set(tensors) != set(outs) or set(axes) != set(outs):
+        raise c.fail(where, f"must describe exactly the cache segment's outputs {sorted(outs)}")
+    for name, spec in outs.items():
+        if "users" not in spec["shape"]:
+            raise c.fail(f"segment {producer['name']!r} output {name!r}", "has no 'users' axis")
+        c.integer(axes[name], f"{where}.seq_axis[{name!r}]", hi=len(spec["shape"]) - 1)
+    seq = cache["input"]
+    if seq not in inputs or inputs[seq]["role"] != "sequence" or seq not in {s["name"] for s in producer["inputs"]}:
+        raise c.fail(f"{where}.input", f"is {_short(seq)}, not a sequence input of the cache segment")
+    c.integer(cache["items_per_position"], f"{where}.items_per_position", lo=1, hi=2**20)
+    if "bytes_per_position" in cache:
+        c.integer(cache["bytes_per_position"], f"{where}.bytes_per_position", hi=2**62)
+    if not isinstance(cache["appendable"], bool):
+        raise c.fail(f"{where}.appendable", f"must be true or false, found {_kind(cache['appendable'])}")
+
+
+def _w8a16_report(c: _Check, report: dict[str, Any], where: str) -> None:
+    for name, seg in c.obj(report.get("segments") or {}, f"{where}.segments").items():
+        seg = c.obj(seg, f"{where}.segments[{name!r}]")
+        weights = seg.get("int8_weights")
+        if weights is not None:
+            for k, w in enumerate(c.array(weights, f"{where}.segments[{name!r}].int8_weights")):
+                c.name(w, f"{where}.segments[{name!r}].int8_weights[{k}]", longest=1024)
+
+
+def _utf8(v: str) -> bool:
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:72] + "…" + text[-6:]
