@@ -2,6 +2,13 @@
 // source of truth), and a request read from a directory of .npy files. Shared by the AOTI scorer
 // and the TensorRT loader; no torch or TensorRT types here.
 //
+// A bundle is a trust boundary, and the manifest is untrusted input: it is parsed with nlohmann/json
+// (duplicate keys refused, so it means one thing to every reader), every path it names must be
+// relative, without "..", and resolve (links followed) inside the bundle directory, and every
+// package or plan is checked against its sha256 in the manifest before it is loaded
+// (verified_engines). These are the same rules, with the same messages, as mixexport's Python
+// runtime (mixexport/trust.py).
+//
 // Request directory: one <input name>.npy per model input (user-side inputs — roles user and
 // sequence — with U rows, item inputs with N rows) plus user_index.npy (int64 [N]: the user row
 // each candidate belongs to). `python examples/cpp/make_request.py BUNDLE DIR` writes one from the
@@ -9,17 +16,26 @@
 #pragma once
 
 #include <cctype>
+#include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "json.hpp"
 #include "npy.hpp"
+#include "sha256.hpp"
 
 namespace mixbundle {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+inline const char* kPathRule = "relative, no '..', resolving inside the bundle";
 
 struct Spec {
   std::string name, dtype, role;
@@ -38,52 +54,210 @@ struct Segment {
   }
 };
 
+// A path as Python's repr() shows it ('...' with escapes), so both runtimes print the same line.
+inline std::string shown(const std::string& s) {
+  std::string out = "'";
+  for (unsigned char ch : s) {
+    if (ch == '\\' || ch == '\'') {
+      out += '\\';
+      out += static_cast<char>(ch);
+    } else if (ch < 0x20 || ch == 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", ch);
+      out += buf;
+    } else {
+      out += static_cast<char>(ch);
+    }
+  }
+  return out + "'";
+}
+
+// Why `rel` breaks the path rule on its own (without the file system), or "".
+inline std::string path_problem(const std::string& rel) {
+  if (rel.empty()) return "it is empty";
+  if (rel.size() > 1024) return "it is longer than 1024 characters";
+  for (unsigned char ch : rel)
+    if (ch < 0x20 || ch == 0x7f) return "it holds control or unprintable characters";
+  if (rel.find('\\') != std::string::npos) return "it uses '\\' (bundle paths are '/'-separated)";
+  if (rel[0] == '/' || (rel.size() > 1 && rel[1] == ':')) return "it is absolute";
+  std::stringstream parts(rel);
+  std::string part;
+  while (std::getline(parts, part, '/'))
+    if (part == "..") return "it climbs out with '..'";
+  return "";
+}
+
+inline bool inside(const fs::path& base, const fs::path& p) {
+  auto b = base.begin(), q = p.begin();
+  for (; b != base.end(); ++b, ++q)
+    if (q == p.end() || *b != *q) return false;
+  return true;
+}
+
+// root/rel after checking the path rule; throws naming the manifest entry (`where`), the path and the rule.
+inline std::string resolve_inside(const std::string& root, const std::string& rel, const std::string& where) {
+  std::string reason = path_problem(rel);
+  if (reason.empty()) {
+    fs::path base = fs::weakly_canonical(fs::path(root));
+    fs::path real = fs::weakly_canonical(fs::path(root) / rel);
+    if (real == base) {
+      reason = "it names the bundle directory itself";
+    } else if (!inside(base, real)) {
+      bool link = false;
+      fs::path walk = root;
+      for (const auto& part : fs::path(rel)) link = link || fs::is_symlink(walk /= part);
+      reason = "it resolves to " + real.string() + ", outside the bundle" + (link ? " (through a symbolic link)" : "");
+    }
+  }
+  if (!reason.empty())
+    throw std::runtime_error(where + " " + shown(rel) + " breaks the bundle path rule (" + kPathRule + "): " + reason);
+  return root + "/" + rel;
+}
+
 struct Bundle {
   std::string root, target, precision;
   std::vector<Spec> inputs, outputs;  // the model's interface
   std::vector<Segment> segments;
+  std::map<std::string, std::string> files;  // bundle-relative path -> sha256
 
   const Segment* find(const std::string& role) const {
     for (const auto& s : segments)
       if (s.role == role) return &s;
     return nullptr;
   }
-  std::string file(const std::string& rel) const { return root + "/" + rel; }
+  // The path of `rel` inside the bundle, refused unless it obeys the path rule.
+  std::string file(const std::string& rel) const { return resolve_inside(root, rel, "bundle path"); }
+
+  // file(rel), refused unless it is listed in the manifest's files with its sha256 and matches it.
+  std::string verified_file(const std::string& rel) const {
+    std::string path = file(rel);
+    auto it = files.find(rel);
+    if (it == files.end())
+      throw std::runtime_error(rel + " has no sha256 in the manifest's files; refusing to load an unverified file");
+    if (!fs::is_regular_file(path))
+      throw std::runtime_error(rel + " is missing from the bundle (or is not a regular file); refusing to load it");
+    if (mixsha::file_hex(path) != it->second)
+      throw std::runtime_error(rel + " does not match its sha256 in the manifest (changed after the build); "
+                               "refusing to load it");
+    return path;
+  }
 };
 
+// segment name -> path of its engine for `backend` ("aoti", "tensorrt"), every one checked (path
+// rule, sha256) before the caller loads any: native code is loaded only once all of it is verified.
+inline std::map<std::string, std::string> verified_engines(const Bundle& b, const std::string& backend) {
+  std::map<std::string, std::string> out;
+  for (const auto& seg : b.segments) {
+    auto it = seg.engines.find(backend);
+    if (it == seg.engines.end())
+      throw std::runtime_error("segment " + seg.name + " has no " + backend + " engine: build with the matching --target");
+    out[seg.name] = b.verified_file(it->second);
+  }
+  return out;
+}
+
 inline std::string read_text(const std::string& path) {
-  std::ifstream f(path);
+  std::ifstream f(path, std::ios::binary);
   if (!f) throw std::runtime_error("cannot open " + path);
   std::stringstream ss;
   ss << f.rdbuf();
   return ss.str();
 }
 
-inline std::vector<Spec> specs(const mixjson::Value& list) {
+// Typed access with messages naming the entry (nlohmann's own say only "type must be string").
+inline const json& at(const json& obj, const std::string& key, const std::string& where) {
+  if (!obj.is_object()) throw std::runtime_error("manifest: " + where + " must be an object");
+  auto it = obj.find(key);
+  if (it == obj.end()) throw std::runtime_error("manifest: " + where + " is missing '" + key + "'");
+  return *it;
+}
+inline std::string str(const json& v, const std::string& where) {
+  if (!v.is_string()) throw std::runtime_error("manifest: " + where + " must be a string");
+  return v.get<std::string>();
+}
+inline const json& array(const json& v, const std::string& where) {
+  if (!v.is_array()) throw std::runtime_error("manifest: " + where + " must be a list");
+  return v;
+}
+
+inline std::vector<Spec> specs(const json& list, const std::string& where) {
   std::vector<Spec> out;
-  for (const auto& v : list.items()) {
-    Spec s{v["name"].str(), v["dtype"].str(), v["role"].str(), {}};
-    for (const auto& d : v["shape"].items())
-      s.shape.push_back(d.is_string() ? d.str() : std::to_string(d.integer()));
+  size_t k = 0;
+  for (const auto& v : array(list, where)) {
+    std::string w = where + "[" + std::to_string(k++) + "]";
+    Spec s{str(at(v, "name", w), w + ".name"), str(at(v, "dtype", w), w + ".dtype"), str(at(v, "role", w), w + ".role"), {}};
+    for (const auto& d : array(at(v, "shape", w), w + ".shape")) {
+      if (d.is_string()) s.shape.push_back(d.get<std::string>());
+      else if (d.is_number_unsigned()) s.shape.push_back(std::to_string(d.get<uint64_t>()));
+      else throw std::runtime_error("manifest: " + w + ".shape holds a dim that is neither a name nor a size");
+    }
     out.push_back(s);
   }
   return out;
 }
 
+// Parse refusing duplicate keys: Python's json and nlohmann would each pick one of the two values.
+inline json parse_manifest(const std::string& text) {
+  std::vector<std::set<std::string>> keys;
+  std::string duplicate;
+  json::parser_callback_t cb = [&](int /*depth*/, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::object_start) keys.emplace_back();
+    else if (event == json::parse_event_t::object_end) keys.pop_back();
+    else if (event == json::parse_event_t::key && !keys.back().insert(parsed.get<std::string>()).second && duplicate.empty())
+      duplicate = parsed.get<std::string>();
+    return true;
+  };
+  json m;
+  try {
+    m = json::parse(text, cb);
+  } catch (const json::exception& e) {
+    throw std::runtime_error(std::string("manifest.json is not valid JSON (") + e.what() + ")");
+  }
+  if (!duplicate.empty()) throw std::runtime_error("manifest.json is not valid JSON (duplicate key " + shown(duplicate) + ")");
+  return m;
+}
+
 inline Bundle load(const std::string& root) {
-  mixjson::Value m = mixjson::parse(read_text(root + "/manifest.json"));
-  if (m["schema_version"].integer() != 1)
-    throw std::runtime_error("unsupported bundle schema version " + std::to_string(m["schema_version"].integer()));
+  json m = parse_manifest(read_text(root + "/manifest.json"));
+  const json& version = at(m, "schema_version", "manifest");
+  if (!version.is_number_integer() || version.get<int64_t>() != 1)
+    throw std::runtime_error("manifest: unsupported bundle schema version " + version.dump());
   Bundle b;
   b.root = root;
-  b.target = m["target"].str();
-  b.precision = m.has("precision") && m["precision"].is_string() ? m["precision"].str() : "fp32";
-  b.inputs = specs(m["model"]["inputs"]);
-  b.outputs = specs(m["model"]["outputs"]);
-  for (const auto& v : m["segments"].items()) {
-    Segment s{v["name"].str(), v["role"].str(), specs(v["inputs"]), specs(v["outputs"]), {}};
-    if (v.has("engines") && v["engines"].is_object())
-      for (const auto& kv : v["engines"].object) s.engines[kv.first] = kv.second.str();
+  b.target = str(at(m, "target", "manifest"), "target");
+  b.precision = m.contains("precision") && m["precision"].is_string() ? m["precision"].get<std::string>() : "fp32";
+  const json& model = at(m, "model", "manifest");
+  b.inputs = specs(at(model, "inputs", "model"), "model.inputs");
+  b.outputs = specs(at(model, "outputs", "model"), "model.outputs");
+  const json& files = at(m, "files", "manifest");
+  if (!files.is_object()) throw std::runtime_error("manifest: files must be an object");
+  for (const auto& kv : files.items()) {
+    resolve_inside(root, kv.key(), "files key");
+    b.files[kv.key()] = str(kv.value(), "files[" + shown(kv.key()) + "]");
+  }
+  size_t i = 0;
+  std::set<std::string> names;
+  for (const auto& v : array(at(m, "segments", "manifest"), "segments")) {
+    std::string w = "segments[" + std::to_string(i++) + "]";
+    Segment s{str(at(v, "name", w), w + ".name"), str(at(v, "role", w), w + ".role"),
+              specs(at(v, "inputs", w), w + ".inputs"), specs(at(v, "outputs", w), w + ".outputs"), {}};
+    if (!names.insert(s.name).second) throw std::runtime_error("manifest: segments name segment " + shown(s.name) + " twice");
+    resolve_inside(root, str(at(v, "file", w), w + ".file"), w + ".file");
+    if (v.contains("data_files") && !v["data_files"].is_null()) {
+      size_t k = 0;
+      for (const auto& d : array(v["data_files"], w + ".data_files")) {
+        std::string wd = w + ".data_files[" + std::to_string(k++) + "]";
+        resolve_inside(root, str(d, wd), wd);
+      }
+    }
+    if (v.contains("engines") && !v["engines"].is_null()) {
+      if (!v["engines"].is_object()) throw std::runtime_error("manifest: " + w + ".engines must be an object");
+      for (const auto& kv : v["engines"].items()) {
+        std::string we = w + ".engines[" + shown(kv.key()) + "]";
+        s.engines[kv.key()] = str(kv.value(), we);
+        resolve_inside(root, s.engines[kv.key()], we);
+      }
+    }
     b.segments.push_back(s);
   }
   bool full = b.segments.size() == 1 && b.segments[0].role == "full";

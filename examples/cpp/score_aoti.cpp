@@ -2,7 +2,8 @@
 //
 //   mixexport_score_aoti BUNDLE_DIR REQUEST_DIR [--device cpu|cuda] [--repeat K]
 //
-// Reads BUNDLE_DIR/manifest.json, loads every segment's AOTInductor package with libtorch's
+// Reads BUNDLE_DIR/manifest.json (every path it names must stay inside the bundle), checks every
+// segment's AOTInductor package against its sha256 in the manifest, then loads them with libtorch's
 // torch::inductor::AOTIModelPackageLoader, reads the request (a directory of .npy files, see
 // bundle.hpp), and runs the segment DAG the Python runtime runs:
 //   - one `full` segment: user-side inputs gathered to one row per candidate by user_index;
@@ -66,17 +67,15 @@ struct LoadedSegment {
   std::vector<std::string> inputs, outputs;
 };
 
-LoadedSegment load_segment(const mixbundle::Bundle& b, const mixbundle::Segment& seg) {
-  auto it = seg.engines.find("aoti");
-  if (it == seg.engines.end())
-    throw std::runtime_error("segment " + seg.name + " has no AOTI package: build with --target aoti");
+// `path` was verified (path rule, sha256) by mixbundle::verified_engines: a package is native code.
+LoadedSegment load_segment(const std::string& path, const mixbundle::Segment& seg) {
   LoadedSegment out;
-  out.loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(b.file(it->second));
+  out.loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path);
   auto meta = out.loader->get_metadata();
   out.inputs = split(meta["mixexport.inputs"]);
   out.outputs = split(meta["mixexport.outputs"]);
   if (out.inputs.size() != seg.inputs.size() || out.outputs.size() != seg.outputs.size())
-    throw std::runtime_error(it->second + " does not match segment " + seg.name + " of the manifest");
+    throw std::runtime_error(seg.engines.at("aoti") + " does not match segment " + seg.name + " of the manifest");
   return out;
 }
 
@@ -99,7 +98,8 @@ struct Scorer {
   std::map<std::string, LoadedSegment> loaded;
 
   Scorer(const mixbundle::Bundle& b, c10::Device d) : bundle(b), device(d) {
-    for (const auto& seg : b.segments) loaded.emplace(seg.name, load_segment(b, seg));
+    std::map<std::string, std::string> paths = mixbundle::verified_engines(b, "aoti");  // all, before any load
+    for (const auto& seg : b.segments) loaded.emplace(seg.name, load_segment(paths.at(seg.name), seg));
   }
 
   TensorMap score(const TensorMap& user, const TensorMap& item, const at::Tensor& user_index) {

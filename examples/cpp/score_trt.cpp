@@ -212,11 +212,9 @@ int main(int argc, char** argv) {
     std::unique_ptr<nvinfer1::IRuntime> runtime(nvinfer1::createInferRuntime(logger));
     runtime->setEngineHostCodeAllowed(true);  // version-compatible engines embed their lean runtime
     std::map<std::string, Engine> engines;
-    for (const auto& seg : bundle.segments) {
-      auto it = seg.engines.find(backend);
-      if (it == seg.engines.end()) throw std::runtime_error("segment " + seg.name + " has no " + backend + " engine");
-      engines.emplace(seg.name, load_engine(*runtime, bundle.file(it->second)));
-    }
+    // every plan checked (path rule, sha256 in the manifest) before any is deserialized: plans are native code
+    std::map<std::string, std::string> plans = mixbundle::verified_engines(bundle, backend);
+    for (const auto& seg : bundle.segments) engines.emplace(seg.name, load_engine(*runtime, plans.at(seg.name)));
     cudaStream_t stream;
     check(cudaStreamCreate(&stream), "cudaStreamCreate");
     auto engine_type = [&](const Engine& e, const std::string& name) { return e.engine->getTensorDataType(name.c_str()); };
