@@ -10,8 +10,9 @@ reference for consistency. Each problem is one line naming the entry (``segments
 - segments: unique names, one of the runtime's layouts (``full``; ``user`` + ``item``; ``cache`` +
   ``item``; ``cache`` + ``user`` + ``item``), and a segment graph without cycles: each segment reads
   model inputs, ``user_index`` or outputs of a segment that runs before it, with the same dtype;
-- session options: only those the backend understands, and none that makes ONNX Runtime write a
-  file (``optimized_model_path``, config entries naming files or paths).
+- session options: only those the backend understands; for ONNX Runtime an allowlist of config
+  entries with their values (:data:`ORT_CONFIG`), so none makes it read or write a file
+  (``optimized_model_path``, EP-context paths) or fail on a value it cannot parse.
 
 Keys a reader does not use (``ops``, ``created``, report fields) may be absent or hold anything;
 unknown keys are ignored, as the schema version allows additions.
@@ -38,8 +39,16 @@ _DTYPE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 ORT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
 ORT_OPTIONS = ("graph_optimization_level", "config", "intra_op_num_threads")
-#: words in an ORT session config key that make the session read or write a file of its own choosing
-ORT_FILE_WORDS = ("file", "path", "save", "dump", "context", "library", "folder", "dir")
+#: the ONNX Runtime session config entries a bundle may set, with the values each accepts. An
+#: allowlist: ORT has entries that read or write files (EP context, optimized-model paths, custom
+#: op libraries) and fails session creation on a value it cannot parse; a new entry the build
+#: writes must be added here.
+ORT_CONFIG = {
+    "session.qdq_matmulnbits_accuracy_level": re.compile(r"[0-4]"),
+    "session.intra_op.allow_spinning": re.compile(r"[01]"),
+    "session.inter_op.allow_spinning": re.compile(r"[01]"),
+    "optimization.disable_specified_optimizers": re.compile(r"[A-Za-z0-9_]{1,64}(;[A-Za-z0-9_]{1,64}){0,63}"),
+}
 
 
 class _Check:
@@ -138,12 +147,11 @@ def validate(path: Path, root: Path, data: dict[str, Any]) -> None:
         if data.get(key) is not None:
             c.name(data[key], key, longest=64)
     for key in ("parity", "tolerance"):
-        if key in data and not isinstance(data[key], dict):
-            raise c.fail(key, f"must be an object, found {_kind(data[key])}")
-    tol = data.get("tolerance") or {}
-    for key in ("rtol", "atol"):
-        if key in tol:
-            c.number(tol[key], f"tolerance.{key}")
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise c.fail(key, f"must be an object or null, found {_kind(data[key])}")
+    if data.get("tolerance") is not None:
+        for key in ("rtol", "atol"):
+            c.number(c.key(data["tolerance"], key, "tolerance"), f"tolerance.{key}")
     files = c.obj(data["files"], "files")
     if len(files) > MAX_ITEMS:
         raise c.fail("files", f"lists {len(files)} files, more than {MAX_ITEMS}")
@@ -224,18 +232,31 @@ def _session_options(c: _Check, backend: str, options: dict[str, Any], where: st
         unknown = sorted(set(options) - set(ORT_OPTIONS))
         if unknown:
             raise c.fail(where, f"holds {unknown}, which a bundle may not set (known: {', '.join(ORT_OPTIONS)})")
-        if "graph_optimization_level" in options:
-            c.choice(options["graph_optimization_level"], f"{where}.graph_optimization_level", ORT_LEVELS)
+        if options:  # empty: the backend's defaults; else what the session is built from, read as is
+            c.choice(c.key(options, "graph_optimization_level", where), f"{where}.graph_optimization_level",
+                     ORT_LEVELS)
         if options.get("intra_op_num_threads") is not None:
             c.integer(options["intra_op_num_threads"], f"{where}.intra_op_num_threads", hi=1024)
-        for key, value in c.obj(options.get("config") or {}, f"{where}.config").items():
-            c.name(key, f"{where}.config key", longest=128)
-            if any(w in key.lower() for w in ORT_FILE_WORDS) or not key.startswith(("session.", "optimization.")):
-                raise c.fail(f"{where}.config", f"sets {key!r}: a bundle may set only session.* and "
-                                                "optimization.* entries that name no file or path")
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool) or len(str(value)) > 1024:
-                raise c.fail(f"{where}.config[{key!r}]", f"must be a short string or number, found {_short(value)}")
+        for key, value in c.obj(options.get("config", {}), f"{where}.config").items():
+            if key not in ORT_CONFIG:
+                raise c.fail(f"{where}.config", f"sets {_short(key)}, which a bundle may not set (allowed: "
+                                                f"{', '.join(ORT_CONFIG)})")
+            if not isinstance(value, (str, int)) or isinstance(value, bool) or not ORT_CONFIG[key].fullmatch(str(value)):
+                raise c.fail(f"{where}.config[{key!r}]", f"is {_short(value)}, not a value ONNX Runtime takes "
+                                                         f"({ORT_CONFIG[key].pattern})")
         return
+    if backend in ("tensorrt", "tensorrt-rtx"):  # archs: ["sm86", …]; profile: {axis: [min, opt, max]}
+        options = dict(options)
+        for k, arch in enumerate(c.array(options.pop("archs", None) or [], f"{where}.archs")):
+            if not isinstance(arch, str) or not re.fullmatch(r"sm\d{2,3}", arch):
+                raise c.fail(f"{where}.archs[{k}]", f"is {_short(arch)}, not a compute capability like sm86")
+        for axis, box in c.obj(options.pop("profile", None) or {}, f"{where}.profile").items():
+            c.name(axis, f"{where}.profile key", longest=64)
+            box = c.array(box, f"{where}.profile[{axis!r}]", lo=3)
+            if len(box) != 3:
+                raise c.fail(f"{where}.profile[{axis!r}]", f"has {len(box)} values, expected [min, opt, max]")
+            for v in box:
+                c.integer(v, f"{where}.profile[{axis!r}]", hi=1 << 31)
     for key, value in options.items():  # other backends: flat scalars (aoti: device; tensorrt: flags)
         c.name(key, f"{where} key", longest=64)
         if value is not None and not isinstance(value, (str, int, float, bool)):
@@ -337,3 +358,33 @@ def _kind(v: Any) -> str:
 def _short(v: Any) -> str:
     text = repr(v)
     return text if len(text) <= 80 else text[:72] + "…" + text[-6:]
+
+
+#: axes the runtime acts on by name (rows per user, per candidate): a file and its manifest must agree
+RUNTIME_AXES = ("batch", "users", "candidates")
+_ORT_TYPES = {"float": "float32", "double": "float64"}
+
+
+def interface_mismatch(specs: tuple[Any, ...], found: list[tuple[str, str, list[Any]]], what: str) -> str | None:
+    """How a segment's ``what`` (``inputs``/``outputs``) in the manifest (``TensorSpec`` s) differ
+    from those its model file declares (``found``: name, ONNX Runtime type like ``tensor(float)``,
+    shape with ints, names or None), or None. Checked: names, dtypes, ranks, static sizes, and the
+    axes the runtime acts on by name (a manifest that moved ``users`` would make the runtime cut
+    per-user state along the wrong axis)."""
+    got = {name: (typ, shape) for name, typ, shape in found}
+    names = [s.name for s in specs]
+    if sorted(names) != sorted(got):
+        return f"its {what} are {sorted(names)} in the manifest, {sorted(got)} in the file"
+    for s in specs:
+        typ, shape = got[s.name]
+        dtype = typ[len("tensor("):-1] if typ.startswith("tensor(") else typ
+        dtype = _ORT_TYPES.get(dtype, dtype)
+        bad = dtype != s.dtype or len(shape) != len(s.shape)
+        for want, have in zip(s.shape, shape):
+            static = isinstance(have, int) and not isinstance(have, bool)
+            bad = bad or (static and want != have) or (
+                (want in RUNTIME_AXES or have in RUNTIME_AXES) and want != have)
+        if bad:
+            return (f"{what[:-1]} {s.name!r} is {s.dtype}{list(s.shape)} in the manifest, "
+                    f"{dtype}{list(shape)} in the file")
+    return None

@@ -87,6 +87,8 @@ def resolve_inside(root: str | Path, rel: object, where: str) -> Path:
         elif os.path.commonpath([base, real]) != base:
             link = any(os.path.islink(root.joinpath(*Path(rel).parts[:k + 1])) for k in range(len(Path(rel).parts)))
             reason = f"it resolves to {real}, outside the bundle" + (" (through a symbolic link)" if link else "")
+        elif rel.endswith("/") or os.path.isdir(real):
+            reason = "it names a directory, not a file"
     if reason is not None:
         raise IntegrityError(f"{where} {_shown(rel)} breaks the bundle path rule ({PATH_RULE}): {reason}", PATH_HINT)
     return root / str(rel)

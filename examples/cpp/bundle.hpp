@@ -107,6 +107,8 @@ inline std::string resolve_inside(const std::string& root, const std::string& re
       fs::path walk = root;
       for (const auto& part : fs::path(rel)) link = link || fs::is_symlink(walk /= part);
       reason = "it resolves to " + real.string() + ", outside the bundle" + (link ? " (through a symbolic link)" : "");
+    } else if (rel.back() == '/' || fs::is_directory(real)) {
+      reason = "it names a directory, not a file";
     }
   }
   if (!reason.empty())

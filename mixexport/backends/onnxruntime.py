@@ -27,7 +27,8 @@ import numpy as np
 
 from mixexport.backends.base import SessionBase
 from mixexport.bundle import Manifest, SegmentEntry
-from mixexport.errors import EnvironmentUnavailableError
+from mixexport.errors import BadInputError, EnvironmentUnavailableError
+from mixexport.manifest_check import interface_mismatch
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "graph_optimization_level": "ORT_ENABLE_ALL",
@@ -103,7 +104,16 @@ class OnnxRuntimeBackend:
     def prepare(self, manifest: Manifest, segment: SegmentEntry, workdir: Path | None = None) -> OrtSession:
         # a segment built for another backend (aoti, tensorrt) records that backend's options
         options = segment.session_options if segment.backend == self.name else None
-        return self.open_file(manifest.file(segment.file), options or self.session_options())
+        session = self.open_file(manifest.file(segment.file), options or self.session_options())
+        declared = [(a.name, a.type, a.shape) for a in session.session.get_inputs()], \
+            [(a.name, a.type, a.shape) for a in session.session.get_outputs()]
+        problem = (interface_mismatch(segment.inputs, declared[0], "inputs")
+                   or interface_mismatch(segment.outputs, declared[1], "outputs"))
+        if problem:  # the runtime feeds and cuts tensors by the manifest's specs: they must be the file's
+            session.close()
+            raise BadInputError(f"segment {segment.name!r} of the manifest does not describe {segment.file}: "
+                                f"{problem}", "rebuild the bundle, or fetch it again from where it was published")
+        return session
 
     def describe(self) -> dict[str, Any]:
         import onnxruntime as ort

@@ -3,6 +3,7 @@ AOTI bundle of the tiny rankmixer, and compare its scores with the Python runtim
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -137,3 +138,98 @@ def test_bad_request_is_rejected(scorer: Path, bundle: Path, tmp_path: Path) -> 
     np.save(d / "item_dense.npy", np.zeros((16, 19), dtype=np.float64))
     r = subprocess.run([str(scorer), str(bundle), str(d)], capture_output=True, text=True)
     assert r.returncode == 1 and "input item_dense: expected float32, found float64" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# the bundle as a trust boundary: the C++ scorer refuses what the Python runtime refuses, with the
+# same message, before it loads any package (see tests/test_trust.py for the Python side)
+
+@pytest.fixture
+def bundle_copy_aoti(bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(bundle, dst)
+    write_request(dst, tmp_path / "req")
+    return dst
+
+
+def _edit(bundle: Path, edit) -> None:  # noqa: ANN001 - a callable on the manifest dict
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _both_refuse(scorer: Path, bundle: Path, needle: str) -> str:
+    """The scorer exits 1 with one ``error:`` line equal to the Python runtime's message."""
+    from mixexport.errors import MixexportError
+
+    with pytest.raises(MixexportError) as e:
+        Runtime.open(bundle)
+    r = subprocess.run([str(scorer), str(bundle), str(bundle.parent / "req")], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr.splitlines() == [f"error: {e.value.message}"], (r.stderr, e.value.message)
+    assert needle in e.value.message
+    return e.value.message
+
+
+def test_scorer_refuses_an_engine_outside_the_bundle(scorer: Path, bundle_copy_aoti: Path) -> None:
+    rel = json.loads((bundle_copy_aoti / "manifest.json").read_text())["segments"][0]["engines"]["aoti"]
+    shutil.copy(bundle_copy_aoti / rel, bundle_copy_aoti.parent / "evil.pt2")
+    for escape, reason in (("../evil.pt2", "climbs out with '..'"),
+                           (str(bundle_copy_aoti.parent / "evil.pt2"), "is absolute")):
+        _edit(bundle_copy_aoti, lambda d: d["segments"][0]["engines"].update(aoti=escape))
+        _both_refuse(scorer, bundle_copy_aoti, f"segments[0].engines['aoti'] {escape!r} breaks the bundle path "
+                                               f"rule (relative, no '..', resolving inside the bundle): {reason}")
+
+
+def test_scorer_refuses_a_package_symlinked_outside(scorer: Path, bundle_copy_aoti: Path) -> None:
+    rel = json.loads((bundle_copy_aoti / "manifest.json").read_text())["segments"][0]["engines"]["aoti"]
+    outside = bundle_copy_aoti.parent / "elsewhere.pt2"
+    shutil.move(bundle_copy_aoti / rel, outside)
+    (bundle_copy_aoti / rel).symlink_to(outside)
+    _both_refuse(scorer, bundle_copy_aoti, f"resolves to {outside.resolve()}, outside the bundle (through a symbolic link)")
+
+
+def test_scorer_refuses_a_changed_or_unlisted_package(scorer: Path, bundle_copy_aoti: Path) -> None:
+    rel = json.loads((bundle_copy_aoti / "manifest.json").read_text())["segments"][0]["engines"]["aoti"]
+    with open(bundle_copy_aoti / rel, "ab") as f:
+        f.write(b"\0")
+    _both_refuse(scorer, bundle_copy_aoti, f"{rel} does not match its sha256 in the manifest (changed after the "
+                                           "build); refusing to load it")
+    _edit(bundle_copy_aoti, lambda d: d["files"].pop(rel))
+    _both_refuse(scorer, bundle_copy_aoti, f"{rel} has no sha256 in the manifest's files")
+
+
+def test_scorer_refuses_duplicate_keys(scorer: Path, bundle_copy_aoti: Path) -> None:
+    path = bundle_copy_aoti / "manifest.json"
+    path.write_text(path.read_text().replace('"target": "aoti"', '"target": "aoti", "target": "onnx"'))
+    r = subprocess.run([str(scorer), str(bundle_copy_aoti), str(bundle_copy_aoti.parent / "req")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr == "error: manifest.json is not valid JSON (duplicate key 'target')\n"
+
+
+def test_scorer_survives_manifest_fuzzing(scorer: Path, bundle_copy_aoti: Path) -> None:
+    """Random structural mutations (mixexport.manifest_fuzz): scores or one ``error:`` line, never a
+    crash, a hang or a partial answer."""
+    import random
+
+    from mixexport.manifest_fuzz import mutate
+
+    path = bundle_copy_aoti / "manifest.json"
+    manifest = json.loads(path.read_text())
+    outcomes = {"refused": 0, "accepted": 0}
+    for k in range(FUZZ_MUTATIONS):
+        kind, where, text = mutate(manifest, random.Random(f"cpp/{k}"))
+        path.write_text(text)
+        r = subprocess.run([str(scorer), str(bundle_copy_aoti), str(bundle_copy_aoti.parent / "req")],
+                           capture_output=True, text=True, errors="replace", timeout=120)
+        label = f"mutation {k} ({kind}: {where[:80]})"
+        assert r.returncode in (0, 1), (label, r.returncode, r.stderr[-500:])
+        if r.returncode == 1:
+            assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: ") and r.stdout == "", \
+                (label, r.stderr[-500:])
+        outcomes["refused" if r.returncode else "accepted"] += 1
+    assert outcomes["refused"] > FUZZ_MUTATIONS // 2, outcomes
+
+
+FUZZ_MUTATIONS = 40
