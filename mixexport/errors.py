@@ -3,11 +3,13 @@
 Every subclass of :class:`MixexportError` is printed by the CLI as ``error: …`` and ``hint: …``
 lines with no traceback, and exits with the class's ``exit_code``:
 
-* 1 — a check failed (parity gate, integrity, latency gate)
+* 1 — a check failed (parity gate, integrity, latency gate, a pass's own postcondition)
 * 2 — usage or bad input (checkpoint, options, a pass that does not apply)
 * 3 — environment unavailable (no TensorRT, no GPU, missing optional package or data)
 
-Any other exception is a bug in mixexport: the CLI prints its traceback and asks for a report.
+Any other exception is a bug in mixexport: the CLI prints its traceback and asks for a report
+(exit 4). :class:`PassError` is such a bug, raised inside a pass; it names the pass and the passes
+that ran before it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,25 @@ class GateFailedError(MixexportError):
     """A verification gate (parity, integrity) failed."""
 
     exit_code = 1
+
+
+class PostconditionError(MixexportError):
+    """A pass ran, but its result failed the pass's own check (``ensures``): e.g. the segments a
+    request-level pass cut do not reproduce the program it was given. A check failed (exit 1),
+    not bad input: the model is fine, the pass's result is not."""
+
+    exit_code = 1
+
+
+class PassError(RuntimeError):
+    """An unexpected exception inside a pass (a bug, exit 4 with the traceback), naming the pass and
+    the passes that ran before it. The original exception is its ``__cause__``."""
+
+    def __init__(self, pass_name: str, before: list[str] | tuple[str, ...], problem: str) -> None:
+        after = f"after {', '.join(before)}" if before else "the first pass of this build"
+        super().__init__(f"pass {pass_name} failed ({after}): {problem}")
+        self.pass_name = pass_name
+        self.before = tuple(before)
 
 
 class IntegrityError(GateFailedError):

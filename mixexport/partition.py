@@ -16,20 +16,31 @@ A segment graph is built by copying the nodes its outputs need, in topological o
 nodes *bound* to new inputs (user state arriving from another segment, gathered by
 ``user_index`` along its batch axis). Each segment is then re-exported with ``torch.export`` so
 that it is a self-contained program with named dynamic axes.
+
+The helpers both request-level passes share live here too: the precondition on the bundle's shape
+(:func:`single_full_segment`), node descriptions for messages, running a program segment on numpy
+feeds, and the postcondition both passes declare — the cut segments composed on a sample request
+reproduce the program they were cut from (:func:`check_composition`).
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import fx
 
-from mixexport.errors import BadInputError
-from mixexport.specs import TensorSpec
+from mixexport.errors import BadInputError, PostconditionError, PreconditionError
+from mixexport.specs import Request, TensorSpec
+
+if TYPE_CHECKING:
+    from mixexport.bundle import Bundle, Segment
+
+#: The item segment's extra input: the row of the user inputs each candidate belongs to.
+USER_INDEX = TensorSpec("user_index", "int64", ("candidates",), "index")
 
 DROP_TARGETS = {torch.ops.aten._assert_tensor_metadata.default}
 try:  # not every torch build has these assertion ops
@@ -283,3 +294,77 @@ def segment_flops(program: torch.export.ExportedProgram, feeds: Mapping[str, np.
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         program.module()(**args)
     return int(counter.get_total_flops())
+
+
+# --------------------------------------------------------------------------------------------
+# shared by the request-level passes (split-user-item, extract-kv-cache)
+
+def single_full_segment(bundle: Bundle, pass_name: str) -> Segment:
+    """The bundle's one full program-stage segment, which has user-side and item inputs; raises
+    :class:`PreconditionError` saying what was found otherwise."""
+    if bundle.stage != "program" or len(bundle.segments) != 1 or bundle.segments[0].role != "full":
+        found = [(s.name, s.role) for s in bundle.segments]
+        raise PreconditionError(f"{pass_name} expects one full program-stage segment, found {found} at "
+                                f"stage {bundle.stage}", "run it before any other request-level pass")
+    seg = bundle.segments[0]
+    if not any(s.user_side for s in seg.inputs) or all(s.user_side for s in seg.inputs):
+        raise PreconditionError(f"{pass_name} needs both user-side and item inputs, found roles "
+                                f"{sorted({s.role for s in seg.inputs})}", "declare input roles")
+    return seg
+
+
+def describe_node(node: Any) -> str:
+    """``name (target, in module.path)``: where a node of the graph comes from, for messages."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    return f"{node.name} ({node.target}{', in ' + path if path else ''})"
+
+
+def rename_batch(specs: tuple[TensorSpec, ...], name: str) -> tuple[TensorSpec, ...]:
+    """``specs`` with the ``batch`` axis renamed (``users`` or ``candidates`` in a segment)."""
+    return tuple(TensorSpec(s.name, s.dtype, tuple(name if d == "batch" else d for d in s.shape), s.role, s.vocab)
+                 for s in specs)
+
+
+def run_program(program: torch.export.ExportedProgram, feeds: Mapping[str, np.ndarray],
+                outputs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
+    """One call of a program segment in torch: numpy in, numpy out by the output specs' names."""
+    from mixexport.backends.eager import ProgramSession
+
+    with ProgramSession(program, [s.name for s in outputs]) as session:
+        return session.run(feeds)
+
+
+def compose(segments: Iterable[Segment], request: Request) -> dict[str, np.ndarray]:
+    """Run program segments in order on ``request``: each reads the request's user and item inputs,
+    ``user_index`` and what the segments before it produced. Returns every value by name."""
+    values: dict[str, np.ndarray] = {**request.user, **request.item, USER_INDEX.name: request.user_index}
+    for seg in segments:
+        values.update(run_program(seg.program, {s.name: values[s.name] for s in seg.inputs}, seg.outputs))
+    return values
+
+
+def check_composition(pass_name: str, before: Bundle, after: Bundle, check_atol: float,
+                      request: Request) -> float:
+    """The postcondition of a request-level pass: ``after``'s segments composed on ``request`` must
+    reproduce ``before``'s full program on the request's rows — within ``check_atol`` in fp32, within
+    the precision's default tolerance otherwise (reduced precision rounds differently per graph).
+    Returns the largest absolute difference; raises :class:`PostconditionError` naming every output
+    that differs."""
+    from mixexport.verification.compare import DEFAULT_TOLERANCES, Tolerance, compare_output
+
+    full = before.segments[0]
+    expected = run_program(full.program, request.rows(), full.outputs)
+    values = compose(after.segments, request)
+    got = {s.name: values[s.name] for s in after.segments[-1].outputs}
+    precision = before.precision
+    rtol, atol = (0.0, check_atol) if precision == "fp32" else DEFAULT_TOLERANCES.get(precision, (0.0, check_atol))
+    results = [compare_output(a, got[a], expected[b], Tolerance(rtol, atol)) for a, b in zip(got, expected)]
+    bad = [r for r in results if not r.passed]
+    if bad:
+        raise PostconditionError(f"{pass_name}: the segments it cut do not reproduce the program they were cut "
+                                 "from (the split program differs from the unsplit one): "
+                                 + "; ".join(r.line() for r in bad),
+                                 f"build without {pass_name} (--passes / --no-passes), and report this model: "
+                                 "the pass should have refused it")
+    return max(r.max_abs for r in results)

@@ -1,9 +1,10 @@
 """The build pipeline: load → torch.export (dynamic batch) → program passes → ONNX per segment →
 ONNX passes → backend artifacts → verify + bench on the finished directory → atomic commit.
 
-The default pass order is the tuple :data:`ORDER`; a family's ``DEFAULT_PASSES`` picks which of them
-run when ``--passes`` is not given. After every stage the *stage ledger* records the error of
-the bundle-so-far against the eager model on the sample request.
+The pass order is the tuple :data:`mixexport.passes.order.ORDER`; a family's ``DEFAULT_PASSES``
+picks which of them run when ``--passes`` is not given. :func:`run_pass` enforces the pass contract
+(requires → run → ensures, see :mod:`mixexport.passes`). After every stage the *stage ledger*
+records the error of the bundle-so-far against the eager model on the sample request.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from typing import Any, Callable
 import numpy as np
 
 from mixexport.bundle import SCHEMA_VERSION, Bundle, BundleWriter, PassRecord, Segment, library_versions
-from mixexport.errors import BadInputError, GateFailedError, MixexportError
+from mixexport.errors import BadInputError, GateFailedError, MixexportError, PassError
 from mixexport.export import EXTERNAL_DATA_THRESHOLD, op_histogram, save_onnx, to_onnx, weight_bytes
 from mixexport.passes import PassInfo, PassResult
-from mixexport.passes import extract_kv_cache, pack_moe_experts, quantize_w8a16, split_user_item
+from mixexport.passes.order import ORDER, pass_by_name
 from mixexport.runtime import Runtime
 from mixexport.source import Source, export_program, load_source
 from mixexport.specs import Request
@@ -30,21 +31,10 @@ from mixexport.verification.latency import DEFAULT_CANDIDATES
 
 log = logging.getLogger(__name__)
 
-#: Every pass, in the order the pipeline runs them (program stage first, then ONNX stage).
-ORDER: tuple[PassInfo, ...] = (pack_moe_experts.PASS, split_user_item.PASS, extract_kv_cache.PASS,
-                               quantize_w8a16.PASS)
 #: --target → the backend that runs the bundle's segments.
 TARGETS = {"onnx": "onnxruntime", "aoti": "aoti", "trt": "tensorrt", "trt-rtx": "tensorrt-rtx"}
 SAMPLE_USERS, SAMPLE_CANDIDATES = 2, 16
 Progress = Callable[[str], None]
-
-
-def pass_by_name(name: str) -> PassInfo:
-    for p in ORDER:
-        if p.name == name:
-            return p
-    known = ", ".join(p.name for p in ORDER) or "(none yet)"
-    raise BadInputError(f"unknown pass {name!r}; known passes: {known}", "see `mixexport passes`")
 
 
 def parse_pass_options(specs: tuple[str, ...], passes: list[PassInfo]) -> dict[str, Any]:
@@ -129,21 +119,34 @@ def select_passes(source: Source, names: tuple[str, ...] | None) -> list[PassInf
 
 
 def run_pass(info: PassInfo, bundle: Bundle, options: Any, done: list[str]) -> PassResult:
-    """Check the precondition, run, validate; a failure names the pass and the ones before it."""
-    after = f" (after {', '.join(done)})" if done else ""
+    """Run one pass under its contract (as onnx-ir's ``PassBase.__call__``): the stage must match,
+    then ``requires(bundle)`` → ``run(bundle, options)`` → ``ensures(bundle, result, options)``, each
+    once. What ``ensures`` measured is added to the result's report.
+
+    :class:`~mixexport.errors.PreconditionError` (exit 2), :class:`~mixexport.errors.PostconditionError`
+    (exit 1) and other :class:`~mixexport.errors.MixexportError` pass through; any other exception, or
+    a result that is not a :class:`PassResult` at the pass's stage, becomes a
+    :class:`~mixexport.errors.PassError` naming the pass and ``done``, the passes that ran before it.
+    """
     if bundle.stage != info.stage:
+        after = f" (after {', '.join(done)})" if done else ""
         raise BadInputError(f"pass {info.name} works on the {info.stage} stage, the bundle is at "
                             f"{bundle.stage}{after}", "reorder --passes")
-    if info.requires is not None:
-        info.requires(bundle)
     try:
+        if info.requires is not None:
+            info.requires(bundle)
         result = info.run(bundle, options)
-    except MixexportError:
+        if not isinstance(result, PassResult) or result.bundle.stage != info.stage:
+            found = (f"a bundle at the {result.bundle.stage} stage" if isinstance(result, PassResult)
+                     else type(result).__name__)
+            raise PassError(info.name, done, f"returned {found}, expected a PassResult at the {info.stage} stage")
+        measured = info.ensures(bundle, result.bundle, options) if info.ensures is not None else None
+    except (MixexportError, PassError):
         raise
-    except Exception as e:
-        raise RuntimeError(f"pass {info.name} failed{after}: {e}") from e
-    if not isinstance(result, PassResult) or result.bundle.stage != info.stage:
-        raise RuntimeError(f"pass {info.name} returned an invalid result{after}")
+    except Exception as e:  # noqa: BLE001 - a bug in the pass: say which, keep the traceback
+        raise PassError(info.name, done, f"{type(e).__name__}: {e}") from e
+    if measured:
+        result = PassResult(result.bundle, {**result.report, **measured})
     return result
 
 

@@ -31,12 +31,11 @@ import torch
 from torch import fx
 
 from mixexport.bundle import Bundle, CacheSpec, Segment
-from mixexport.errors import PreconditionError
-from mixexport.partition import (Analysis, SegmentBuilder, analyze, batch_axis, boundary, dim_minimums,
-                                 export_segment, expr, gather_rows, segment_flops, tensor_spec)
+from mixexport.errors import BadInputError, PreconditionError
+from mixexport.partition import (USER_INDEX, Analysis, SegmentBuilder, analyze, batch_axis, boundary,
+                                 check_composition, describe_node, dim_minimums, export_segment, expr, gather_rows,
+                                 rename_batch, run_program, segment_flops, single_full_segment, tensor_spec)
 from mixexport.passes import PassInfo, PassResult
-from mixexport.passes.split_user_item import (USER_INDEX, _run, _single_full_segment, _where, check_composition,
-                                             rename_batch)
 from mixexport.specs import TensorSpec, random_ids
 
 SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default}
@@ -46,13 +45,19 @@ SCORE_OPS = {torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor, torch.ops.ate
              torch.ops.aten.masked_fill.Scalar, torch.ops.aten.where.self}
 VIEW_OPS = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.t.default}
 PREDICT_AT = (1, 16, 64, 256, 1024)
+CHECK_SEED = 13  # the sample request (2 users x 5 candidates) the segments are exported and checked on
 
 
 @dataclass(frozen=True)
 class Options:
-    """``check_atol``: tolerance of the split-vs-unsplit and append checks."""
+    """``check_atol``: tolerance of the split-vs-unsplit and append checks (>= 0)."""
 
     check_atol: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not self.check_atol >= 0:
+            raise BadInputError(f"extract-kv-cache: check_atol must be >= 0, found {self.check_atol!r}",
+                                "e.g. --option extract-kv-cache.check_atol=1e-5")
 
 
 @dataclass
@@ -104,7 +109,7 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
 
 def plan(bundle: Bundle) -> Plan:
     """Find the sequence attention, check cacheability, and sort the boundary into cache and state."""
-    seg = _single_full_segment(bundle, "extract-kv-cache")
+    seg = single_full_segment(bundle, "extract-kv-cache")
     seqs = [s for s in seg.inputs if s.role == "sequence"]
     if not seqs:
         raise PreconditionError(f"extract-kv-cache needs a behaviour-sequence input (role 'sequence'), found "
@@ -125,7 +130,7 @@ def plan(bundle: Bundle) -> Plan:
         node, _, k, _ = (mixed or attn)[0]
         items = sorted(p.name for p in _ancestors(k) if p.op == "placeholder" and a.roles[p] == "item")
         raise PreconditionError(
-            f"extract-kv-cache: in the sequence attention at {_where(node)} the behaviours attend to keys that "
+            f"extract-kv-cache: in the sequence attention at {describe_node(node)} the behaviours attend to keys that "
             f"depend on item inputs {items}: the candidate sits inside the sequence's self-attention "
             "(BST-style), so every sequence position's output changes with the candidate and cannot be cached",
             "keep the candidate out of the sequence's attention (LONGER: sequence tokens never attend to it)")
@@ -170,6 +175,7 @@ def _per_position_expr(seq_expr: str) -> str:
 
 
 def requires(bundle: Bundle) -> None:
+    """A LONGER-style sequence attention whose K/V can be cached per user (see :func:`plan`)."""
     plan(bundle)
 
 
@@ -217,7 +223,7 @@ def extract_kv_cache(bundle: Bundle, options: Options) -> PassResult:
     outputs = rename_batch(seg.outputs, "candidates")
     segments_gm.append(("item", ib.module(a.outputs), item_inputs, outputs))
 
-    request = bundle.source.example_request(2, 5, seed=13)
+    request = bundle.source.example_request(2, 5, seed=CHECK_SEED)
     values: dict[str, np.ndarray] = {**request.user, **request.item, USER_INDEX.name: request.user_index}
     programs = {}
     minimums = dim_minimums(seg.program, dims)
@@ -227,9 +233,7 @@ def extract_kv_cache(bundle: Bundle, options: Options) -> PassResult:
         # while the user and item segments keep the bounds the whole model proved (groups >= recent)
         programs[name] = export_segment(gm, ins, feeds, multiples,
                                         {"users": minimums.get("users", 1)} if name == "cache" else minimums)
-        values.update(_run(programs[name], feeds, outs))
-    diff = check_composition("extract-kv-cache", {o.name: values[o.name] for o in outputs},
-                             _run(seg.program, request.rows(), seg.outputs), bundle.precision, options.check_atol)
+        values.update(run_program(programs[name], feeds, outs))
     axes = {s.name: s.shape.index("groups") for s in cache_specs}
     from mixexport.verification.compare import DEFAULT_TOLERANCES
 
@@ -239,7 +243,7 @@ def extract_kv_cache(bundle: Bundle, options: Options) -> PassResult:
                       items_per_position=k, appendable=append["appendable"],
                       bytes_per_position=sum(_bytes_per_position(s) for s in cache_specs))
     new = tuple(Segment(name, name, ins, outs, program=programs[name]) for name, _, ins, outs in segments_gm)
-    report = _report(p, seg, programs, segments_gm, request, cache, append, diff, state_specs)
+    report = _report(p, seg, programs, segments_gm, request, cache, append, state_specs)
     return PassResult(bundle.replace(segments=new, caches=(cache,)), report)
 
 
@@ -260,9 +264,9 @@ def _append_check(program: Any, inputs: tuple[TensorSpec, ...], outs: tuple[Tens
         seq = feeds[seq_name] = random_ids(next(s for s in inputs if s.name == seq_name), (1, 4 * k),
                                            np.random.default_rng(17))
     cut = (seq.shape[1] // k // 2) * k
-    whole = _run(program, feeds, outs)
-    first = _run(program, {**feeds, seq_name: seq[:, :cut]}, outs)
-    second = _run(program, {**feeds, seq_name: seq[:, cut:]}, outs)
+    whole = run_program(program, feeds, outs)
+    first = run_program(program, {**feeds, seq_name: seq[:, :cut]}, outs)
+    second = run_program(program, {**feeds, seq_name: seq[:, cut:]}, outs)
     diff = max(float(np.max(np.abs(np.concatenate([first[s.name], second[s.name]], axis=axes[s.name]) - whole[s.name])))
                for s in outs)
     ok = diff <= atol
@@ -273,7 +277,7 @@ def _append_check(program: Any, inputs: tuple[TensorSpec, ...], outs: tuple[Tens
 
 
 def _report(p: Plan, seg: Segment, programs: dict[str, Any], segments_gm: list[Any], request: Any,
-            cache: CacheSpec, append: dict[str, Any], diff: float,
+            cache: CacheSpec, append: dict[str, Any],
             state_specs: tuple[TensorSpec, ...]) -> dict[str, Any]:
     values: dict[str, np.ndarray] = {**{k: v[:1] for k, v in request.user.items()},
                                      **{k: v[:1] for k, v in request.item.items()},
@@ -282,7 +286,7 @@ def _report(p: Plan, seg: Segment, programs: dict[str, Any], segments_gm: list[A
     for name, _, ins, outs in segments_gm:
         feeds = {s.name: values[s.name] for s in ins}
         flops[name] = segment_flops(programs[name], feeds)
-        values.update(_run(programs[name], feeds, outs))
+        values.update(run_program(programs[name], feeds, outs))
     full = segment_flops(seg.program, {k: v[:1] for k, v in request.rows().items()})
     seq_len = request.user[p.seq_input].shape[1]
     positions = seq_len // cache.items_per_position
@@ -292,7 +296,7 @@ def _report(p: Plan, seg: Segment, programs: dict[str, Any], segments_gm: list[A
                   "bytes_per_position": cache.bytes_per_position,
                   "bytes_per_user_at_sample": cache.bytes_per_position * positions, "sample_seq_len": seq_len},
         "state": [s.to_json() for s in state_specs],
-        "append": append, "check_max_abs_diff": diff, "attention_patterns": len(p.attentions),
+        "append": append, "attention_patterns": len(p.attentions),
         "flops": {"cache_per_user": flops["cache"], "user_per_user": flops.get("user", 0),
                   "item_per_candidate": flops["item"], "unsplit_per_row": full},
         "predicted_speedup": {str(n): {"vs_unsplit_on_miss": n * full / (per_user + n * flops["item"]),
@@ -301,4 +305,11 @@ def _report(p: Plan, seg: Segment, programs: dict[str, Any], segments_gm: list[A
     }
 
 
-PASS = PassInfo(name="extract-kv-cache", stage="program", run=extract_kv_cache, options=Options, requires=requires)
+def ensures(before: Bundle, after: Bundle, options: Options) -> dict[str, Any]:
+    """The cache, user and item segments composed reproduce the unsplit program (``check_atol``)."""
+    request = before.source.example_request(2, 5, seed=CHECK_SEED)
+    return {"check_max_abs_diff": check_composition("extract-kv-cache", before, after, options.check_atol, request)}
+
+
+PASS = PassInfo(name="extract-kv-cache", stage="program", run=extract_kv_cache, options=Options, requires=requires,
+                ensures=ensures)

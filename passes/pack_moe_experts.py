@@ -57,6 +57,11 @@ class Options:
 
     form: str = "hidden-slice"
 
+    def __post_init__(self) -> None:
+        if self.form not in FORMS:
+            raise BadInputError(f"pack-moe-experts: unknown form {self.form!r}; known forms: {', '.join(FORMS)}",
+                                "e.g. --option pack-moe-experts.form=hidden-slice")
+
 
 @dataclass
 class Expert:
@@ -417,9 +422,6 @@ def pack_moe_experts(bundle: Bundle, options: Options) -> PassResult:
     Not handled (skipped, with the reason): experts with 2-D (shared-across-token) weights, gates
     read with ``select``/``index`` instead of a column slice, outputs combined by stack + gather.
     """
-    if options.form not in FORMS:
-        raise BadInputError(f"pack-moe-experts: unknown form {options.form!r}; expected one of {FORMS}",
-                            "e.g. --option pack-moe-experts.form=hidden-slice")
     segments, report = [], {"form": options.form, "segments": []}
     for seg in bundle.segments:
         gm = seg.program.module()    # a fresh module: rewriting it leaves seg.program untouched
@@ -448,7 +450,7 @@ def pack_moe_experts(bundle: Bundle, options: Options) -> PassResult:
     report["experts"] = sum(e["experts"] for s in report["segments"] for e in s["sites"])
     report["note"] = ("dense masking: every expert runs and the router's gates weight it; exact for any "
                       "gating, static shapes (no NonZero/Loop/If)")
-    return PassResult(bundle.replace(segments=tuple(segments)), report, changed=report["sites"] > 0)
+    return PassResult(bundle.replace(segments=tuple(segments)), report)
 
 
 def requires(bundle: Bundle) -> None:

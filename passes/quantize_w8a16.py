@@ -163,7 +163,7 @@ def quantize_w8a16(bundle: Bundle, options: Options) -> PassResult:
             "never set session.disable_quant_qdq=1: ORT then constant-folds the int8 weights to float",
         ],
     }
-    return PassResult(bundle.replace(segments=tuple(segments), precision="w8a16"), report, changed=True)
+    return PassResult(bundle.replace(segments=tuple(segments), precision="w8a16"), report)
 
 
 # --------------------------------------------------------------------------------------------

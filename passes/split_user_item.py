@@ -11,9 +11,10 @@ Cases handled:
   (a gather by ``user_index`` along each state's batch axis; U = 1 is the 1 user × N case);
 - symbolic sizes are re-derived per segment, so the batch symbol means U users in the user segment
   and N candidates in the item segment;
-- the split is proven before it is returned: the two segments composed on a sample request must
-  reproduce the unsplit program (``check_atol``); the build's stage ledger and ``verify`` repeat
-  that against the eager model.
+- the split is proven after the pass (its ``ensures``, run by the pipeline): the two segments
+  composed on a sample request must reproduce the unsplit program (``check_atol``), or the build
+  fails as a check (exit 1); the build's stage ledger and ``verify`` repeat that against the eager
+  model.
 
 Report: FLOPs per user (user segment), per candidate (item segment) and per row (unsplit); the
 boundary tensors with their bytes per user; the predicted speed-up ``N·F / (F_user + N·F_item)``
@@ -33,9 +34,10 @@ import numpy as np
 import torch
 
 from mixexport.bundle import Bundle, Segment
-from mixexport.errors import PreconditionError
-from mixexport.partition import (Analysis, SegmentBuilder, analyze, batch_axis, boundary, export_segment,
-                                 gather_rows, segment_flops, tensor_spec)
+from mixexport.errors import BadInputError, PreconditionError
+from mixexport.partition import (USER_INDEX, Analysis, SegmentBuilder, analyze, batch_axis, boundary,
+                                 check_composition, describe_node, export_segment, gather_rows, rename_batch,
+                                 run_program, segment_flops, single_full_segment, tensor_spec)
 from mixexport.passes import PassInfo, PassResult
 from mixexport.specs import TensorSpec
 
@@ -43,48 +45,31 @@ MATMUL_TARGETS = {torch.ops.aten.matmul.default, torch.ops.aten.linear.default, 
                   torch.ops.aten.bmm.default, torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default,
                   torch.ops.aten.scaled_dot_product_attention.default}
 PREDICT_AT = (1, 16, 64, 256, 1024)
-USER_INDEX = TensorSpec("user_index", "int64", ("candidates",), "index")
+CHECK_SEED = 11  # the sample request (2 users x 5 candidates) the segments are exported and checked on
 
 
 @dataclass(frozen=True)
 class Options:
     """``check_atol``: largest |difference| allowed between split and unsplit program outputs on
-    the sample request before the pass refuses its own result."""
+    the sample request before the pass's postcondition fails the build (>= 0)."""
 
     check_atol: float = 1e-5
 
-
-def rename_batch(specs: tuple[TensorSpec, ...], name: str) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(s.name, s.dtype, tuple(name if d == "batch" else d for d in s.shape), s.role, s.vocab)
-                 for s in specs)
-
-
-def _single_full_segment(bundle: Bundle, pass_name: str) -> Segment:
-    if bundle.stage != "program" or len(bundle.segments) != 1 or bundle.segments[0].role != "full":
-        found = [(s.name, s.role) for s in bundle.segments]
-        raise PreconditionError(f"{pass_name} expects one full program-stage segment, found {found} at "
-                                f"stage {bundle.stage}", "run it before any other request-level pass")
-    seg = bundle.segments[0]
-    if not any(s.user_side for s in seg.inputs) or all(s.user_side for s in seg.inputs):
-        raise PreconditionError(f"{pass_name} needs both user-side and item inputs, found roles "
-                                f"{sorted({s.role for s in seg.inputs})}", "declare input roles")
-    return seg
-
-
-def _where(node: Any) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else ""
-    return f"{node.name} ({node.target}{', in ' + path if path else ''})"
+    def __post_init__(self) -> None:
+        if not self.check_atol >= 0:
+            raise BadInputError(f"split-user-item: check_atol must be >= 0, found {self.check_atol!r}",
+                                "e.g. --option split-user-item.check_atol=1e-5")
 
 
 def requires(bundle: Bundle) -> None:
-    seg = _single_full_segment(bundle, "split-user-item")
+    """One full program segment with user and item inputs, and a user-only matrix multiply."""
+    seg = single_full_segment(bundle, "split-user-item")
     a = analyze(seg.program, seg.inputs)
     user_matmuls = [n for n, r in a.roles.items() if r == "user" and n.op == "call_function"
                     and n.target in MATMUL_TARGETS]
     if not user_matmuls:
         meet = next((u for n in boundary(a) for u in a.consumers(n) if a.roles.get(u) == "item"), None)
-        where = f"user inputs meet item inputs at {_where(meet)}" if meet is not None else "no user-side value"
+        where = f"user inputs meet item inputs at {describe_node(meet)}" if meet is not None else "no user-side value"
         n_user = sum(1 for n, r in a.roles.items() if r == "user")
         raise PreconditionError(
             f"split-user-item needs user-only computation past the embeddings (user tokens kept in their "
@@ -94,7 +79,6 @@ def requires(bundle: Bundle) -> None:
 
 def split_user_item(bundle: Bundle, options: Options) -> PassResult:
     """Cut the program into a user segment (once per user) and an item segment (per candidate)."""
-    requires(bundle)
     seg = bundle.segments[0]
     a = analyze(seg.program, seg.inputs)
     cut = boundary(a)
@@ -117,56 +101,29 @@ def split_user_item(bundle: Bundle, options: Options) -> PassResult:
         ib.bind(node, gather_rows(ib, ph, batch_axis(node, a.batch_expr), index))
     item_gm = ib.module(a.outputs)
 
-    request = bundle.source.example_request(2, 5, seed=11)
+    request = bundle.source.example_request(2, 5, seed=CHECK_SEED)
     user_feeds = {s.name: request.user[s.name] for s in user_specs}
     user_ep = export_segment(user_gm, user_specs, user_feeds)
-    state = _run(user_ep, user_feeds, state_specs)
+    state = run_program(user_ep, user_feeds, state_specs)
     item_feeds = {**state, **{s.name: request.item[s.name] for s in item_specs}, USER_INDEX.name: request.user_index}
     item_inputs = state_specs + item_specs + (USER_INDEX,)
     item_ep = export_segment(item_gm, item_inputs, item_feeds)
     outputs = rename_batch(seg.outputs, "candidates")
-
-    split_out = _run(item_ep, item_feeds, outputs)
-    diff = check_composition("split-user-item", split_out, _run(seg.program, request.rows(), seg.outputs),
-                             bundle.precision, options.check_atol)
-    report = _report(a, seg, user_ep, item_ep, user_specs, item_inputs, state_specs, cut, request, diff)
+    report = _report(a, seg, user_ep, item_ep, user_specs, item_inputs, state_specs, cut, request)
     new = (Segment("user", "user", user_specs, state_specs, program=user_ep),
            Segment("item", "item", item_inputs, outputs, program=item_ep))
     return PassResult(bundle.replace(segments=new), report)
 
 
-def check_composition(pass_name: str, split: dict[str, np.ndarray], full: dict[str, np.ndarray],
-                      precision: str, check_atol: float) -> float:
-    """The segments composed must reproduce the unsplit program: within ``check_atol`` in fp32, within
-    the precision's default tolerance otherwise (reduced precision rounds differently per graph).
-    Returns the largest absolute difference."""
-    from mixexport.verification.compare import DEFAULT_TOLERANCES, Tolerance, compare_output
-
-    rtol, atol = (0.0, check_atol) if precision == "fp32" else DEFAULT_TOLERANCES.get(precision, (0.0, check_atol))
-    results = [compare_output(a, split[a], full[b], Tolerance(rtol, atol)) for a, b in zip(split, full)]
-    bad = [r for r in results if not r.passed]
-    if bad:
-        raise PreconditionError(f"{pass_name}: the split program differs from the unsplit one: "
-                                + "; ".join(r.line() for r in bad), "report this model as a bug")
-    return max(r.max_abs for r in results)
-
-
-def _run(program: torch.export.ExportedProgram, feeds: dict[str, np.ndarray],
-         outputs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
-    from mixexport.backends.eager import ProgramSession
-
-    return ProgramSession(program, [s.name for s in outputs]).run(feeds)
-
-
 def _report(a: Analysis, seg: Segment, user_ep: Any, item_ep: Any, user_specs: tuple[TensorSpec, ...],
             item_inputs: tuple[TensorSpec, ...], state_specs: tuple[TensorSpec, ...], cut: list[Any],
-            request: Any, diff: float) -> dict[str, Any]:
+            request: Any) -> dict[str, Any]:
     one = bundle_rows = request.rows()
     one = {k: v[:1] for k, v in bundle_rows.items()}
     f_full = segment_flops(seg.program, one)
     user_one = {s.name: request.user[s.name][:1] for s in user_specs}
     f_user = segment_flops(user_ep, user_one)
-    state = _run(user_ep, user_one, state_specs)
+    state = run_program(user_ep, user_one, state_specs)
     item_one = {**state, **{s.name: request.item[s.name][:1] for s in item_inputs if s.name in request.item},
                 "user_index": np.zeros(1, dtype=np.int64)}
     f_item = segment_flops(item_ep, item_one)
@@ -180,8 +137,14 @@ def _report(a: Analysis, seg: Segment, user_ep: Any, item_ep: Any, user_specs: t
         "boundary_bytes_per_user": sum(per_user_bytes.values()),
         "predicted_speedup": {str(n): (n * f_full) / (f_user + n * f_item) if f_user + n * f_item else None
                               for n in PREDICT_AT},
-        "check_max_abs_diff": diff,
     }
 
 
-PASS = PassInfo(name="split-user-item", stage="program", run=split_user_item, options=Options, requires=requires)
+def ensures(before: Bundle, after: Bundle, options: Options) -> dict[str, Any]:
+    """The user and item segments composed reproduce the unsplit program (``check_atol``)."""
+    request = before.source.example_request(2, 5, seed=CHECK_SEED)
+    return {"check_max_abs_diff": check_composition("split-user-item", before, after, options.check_atol, request)}
+
+
+PASS = PassInfo(name="split-user-item", stage="program", run=split_user_item, options=Options, requires=requires,
+                ensures=ensures)

@@ -52,3 +52,82 @@ def test_installed_wheel_maps_models_and_passes_into_namespace(tmp_path: Path) -
     r = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+PACKAGE_DIRS = {"mixexport": ROOT / "mixexport", "mixexport.models": ROOT / "models",
+                "mixexport.passes": ROOT / "passes"}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module → the mixexport modules it imports, anywhere in the file (a lazy import inside a
+    function counts: it runs the same module the first time the function is called). Like grimp /
+    import-linter, ``import a.b.c`` is an edge to ``a.b.c`` only, not to the parent packages."""
+    import ast
+
+    files = {}
+    for package, folder in PACKAGE_DIRS.items():
+        for f in sorted(folder.rglob("*.py")):
+            parts = f.relative_to(folder).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            files.setdefault(".".join((package, *parts)), f)
+    graph: dict[str, set[str]] = {}
+    for name, f in files.items():
+        package = name if f.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, base] if base else up)
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t and t not in files:
+                    t = t.rpartition(".")[0]
+                if t and t != name:
+                    edges.add(t)
+        graph[name] = edges
+    return graph
+
+
+def _find_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        path.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                return path[path.index(m):] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        state[n] = 2
+        path.pop()
+        return None
+
+    return next((c for n in sorted(graph) if n not in state and (c := visit(n))), None)
+
+
+def test_import_graph_has_no_circle() -> None:
+    graph = _import_graph()
+    assert {"mixexport.pipeline", "mixexport.passes.order", "mixexport.backends.aoti"} <= set(graph)
+    assert "mixexport.pipeline" not in graph["mixexport.backends.aoti"]
+    circle = _find_circle(graph)
+    assert circle is None, " -> ".join(circle)
+    # the detector finds one when there is one
+    assert _find_circle({**graph, "mixexport.backends.aoti": graph["mixexport.backends.aoti"] | {"mixexport.pipeline"}})
+
+
+def test_no_pass_imports_another_pass() -> None:
+    from mixexport.passes.order import ORDER
+
+    graph = _import_graph()
+    passes = {p.run.__module__ for p in ORDER}  # one pass per module; shared helpers live in mixexport.partition
+    assert len(passes) == len(ORDER) and passes <= set(graph)
+    for name in passes:
+        assert not graph[name] & (passes - {name}), f"{name} imports {sorted(graph[name] & passes)}"

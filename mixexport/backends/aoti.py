@@ -198,7 +198,7 @@ class AotiBackend:
 def refuse_onnx_stage_passes(passes: list[str], target: str) -> None:
     """Raise if any of ``passes`` (names) rewrites the ONNX graph only: a package compiled from the
     program would silently lack it. The build calls this before any work, ``compile`` again."""
-    from mixexport.pipeline import pass_by_name
+    from mixexport.passes.order import pass_by_name  # the pass table, not the pipeline: no import circle
 
     late = [name for name in passes if pass_by_name(name).stage == "onnx"]
     if late:

@@ -13,7 +13,7 @@ from mixexport.cli.options import emit_json, json_option
 @json_option
 def command(as_json: bool) -> int:
     """List the passes in the order the pipeline runs them."""
-    from mixexport.pipeline import ORDER
+    from mixexport.passes.order import ORDER
 
     rows = [{"name": p.name, "stage": p.stage, "doc": p.doc,
              "options": {f.name: f.default for f in dataclasses.fields(p.options)}} for p in ORDER]
