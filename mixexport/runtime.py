@@ -109,6 +109,7 @@ class Runtime:
         if roles not in ({"full"}, {"user", "item"}, {"cache", "item"}, {"cache", "user", "item"}):
             raise BadInputError(f"unsupported segment layout {sorted(roles)}",
                                 "a bundle has one full segment, or user/cache segments and an item segment")
+        self.closed = False
         self._stack = ExitStack()
         for session in self.sessions.values():
             self._stack.enter_context(session)  # type: ignore[arg-type]
@@ -156,7 +157,14 @@ class Runtime:
                    multiples=source.multiples, minimums=source.minimums)
 
     def close(self) -> None:
+        """Close every segment's session — each releases what it holds (ONNX Runtime sessions,
+        TensorRT contexts and engines, AOTI packages) — and drop the per-user caches. Idempotent;
+        scoring afterwards raises :class:`RuntimeError`."""
         self._stack.close()
+        self.sessions.clear()
+        self.cache.clear()
+        self.kv.clear()
+        self.closed = True
 
     def __enter__(self) -> Runtime:
         return self
@@ -205,6 +213,8 @@ class Runtime:
         return self._score_split(request)
 
     def _run(self, seg: SegmentEntry, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.closed:
+            raise RuntimeError(f"the {self.name} runtime is closed")
         if self.trace is not None:
             self.trace[seg.name] = feeds
         return self.sessions[seg.name].run(feeds)

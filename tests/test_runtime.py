@@ -114,3 +114,50 @@ def test_user_state_cache_is_bounded_lru() -> None:
     assert cache.stats.entries == 10 and cache.stats.bytes <= cache.max_bytes
     assert cache.get(99_999) is not None and cache.get(0) is None
     assert cache.stats.evictions == 100_000 - 10
+
+
+def _resident_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set from /proc")
+def test_open_and_close_many_times_keeps_memory_flat(tiny_bundle: Path, tiny_ckpt: Path) -> None:
+    """verify and bench open several runtimes in one process: close() releases every session at
+    once (not at garbage collection), even while the caller still holds the runtime and session
+    objects (without the release, 150 cycles of the tiny bundle hold ~390 MiB)."""
+    import gc
+    import weakref
+
+    source = load_source(tiny_ckpt)
+    req = source.example_request(2, 8, seed=1)
+    kept: list[tuple[Runtime, list]] = []
+
+    def cycle() -> None:
+        rt = Runtime.open(tiny_bundle)
+        rt.score(req)
+        native = [weakref.ref(s.session) for s in rt.sessions.values()]   # the ORT InferenceSessions
+        held = list(rt.sessions.values())
+        rt.close()
+        assert all(ref() is None for ref in native)                       # released now, not at GC
+        assert all(s.closed and s.session is None for s in held) and rt.sessions == {}
+        kept.append((rt, held))
+
+    for _ in range(10):  # warm-up: lazy imports, allocator pools, ORT's global state
+        cycle()
+    gc.collect()
+    before = _resident_bytes()
+    for _ in range(150):
+        cycle()
+    gc.collect()
+    grown = _resident_bytes() - before
+    assert grown < 40 * 1024**2, f"resident set grew {grown / 1024**2:.0f} MiB over 150 open/close cycles"
+    with pytest.raises(RuntimeError, match="runtime is closed"):
+        kept[-1][0].score(req)
+    kept[-1][0].close()  # idempotent
+    with Runtime.reference(source) as ref:
+        ref.score(req)
+    with pytest.raises(RuntimeError, match="is closed"):
+        ref.score(req)

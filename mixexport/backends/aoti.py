@@ -111,6 +111,7 @@ class AotiSession(SessionBase):
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        self._check_open()
         with torch.inference_mode():
             args = {}
             for name in self.input_names:
@@ -121,7 +122,9 @@ class AotiSession(SessionBase):
         return {name: _to_numpy(o) for name, o in zip(self.output_names, outs)}
 
     def close(self) -> None:
+        """Release the loaded package (its compiled library and weights)."""
         self.model = None
+        super().close()
 
 
 def _to_numpy(t: Any) -> np.ndarray:

@@ -14,9 +14,12 @@ from mixexport.bundle import Bundle, BundleWriter, Manifest, SegmentEntry
 
 
 class Session(Protocol):
-    """A loaded segment: ``run`` maps input arrays by name to output arrays by name."""
+    """A loaded segment: ``run`` maps input arrays by name to output arrays by name; ``close``
+    releases what it holds (native sessions, engines, contexts, streams)."""
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
 
     def __enter__(self) -> Session: ...
 
@@ -44,7 +47,14 @@ class Backend(Protocol):
 
 
 class SessionBase:
-    """Context-manager plumbing shared by sessions."""
+    """Context-manager plumbing shared by sessions: leaving ``with`` calls :meth:`close`.
+
+    Every session releases what it holds in ``close`` — it does not wait for garbage collection,
+    since ``verify`` and ``bench`` open several runtimes in one process — and ``close`` may be
+    called more than once. After it, ``run`` raises :class:`RuntimeError`.
+    """
+
+    closed = False
 
     def __enter__(self) -> SessionBase:
         return self
@@ -53,4 +63,9 @@ class SessionBase:
         self.close()
 
     def close(self) -> None:
-        pass
+        """Release the session's handles (subclasses drop theirs, then call this)."""
+        self.closed = True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")

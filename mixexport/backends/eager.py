@@ -16,7 +16,13 @@ class EagerSession(SessionBase):
         self.source = source
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_open()
         return self.source.reference(feeds)
+
+    def close(self) -> None:
+        """Drop the session's reference to the source (the model itself belongs to the caller)."""
+        self.source = None  # type: ignore[assignment]
+        super().close()
 
 
 class EagerBackend:
@@ -49,6 +55,7 @@ class ProgramSession(SessionBase):
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        self._check_open()
         args = {}
         for k, v in feeds.items():
             t = torch.from_numpy(np.ascontiguousarray(v))
@@ -58,3 +65,8 @@ class ProgramSession(SessionBase):
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return {n: (o.float() if o.dtype == torch.bfloat16 else o).detach().numpy()
                 for n, o in zip(self.output_names, outs)}
+
+    def close(self) -> None:
+        """Release the unlifted module (its own copy of the program's graph and weights)."""
+        self.module = None
+        super().close()

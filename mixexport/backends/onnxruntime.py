@@ -65,7 +65,13 @@ class OrtSession(SessionBase):
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_open()
         return dict(zip(self.output_names, self.session.run(self.output_names, dict(feeds))))
+
+    def close(self) -> None:
+        """Release the ``InferenceSession`` (its graph, weights, arena and thread pool)."""
+        self.session = None
+        super().close()
 
 
 class OnnxRuntimeBackend:
