@@ -287,8 +287,10 @@ def _named_inputs_module(ep: torch.export.ExportedProgram, names: list[str]) -> 
     import inspect
 
     inner = ep.module()
-    spec = ep.call_spec.in_spec
-    positional = spec is None or spec.children_specs[0].num_children > 0
+    spec = ep.call_spec.in_spec  # a pytree spec of (args, kwargs)
+    # TreeSpec.child(i) replaced the deprecated children_specs (a FutureWarning) in newer torch
+    args_spec = None if spec is None else spec.child(0) if hasattr(spec, "child") else spec.children_specs[0]
+    positional = args_spec is None or args_spec.num_children > 0
 
     class NamedInputs(torch.nn.Module):
         def __init__(self) -> None:

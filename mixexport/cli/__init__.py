@@ -30,8 +30,40 @@ COMMANDS = (build.command, verify.command, bench.command, inspect.command, passe
 def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Turn trained mixer-family ranking models into verified, fast, servable bundles."""
     ctx.obj = {"verbosity": -1 if quiet else verbose}
-    logging.basicConfig(level=logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(verbose)
+
+
+class OwnRecordsOnly(logging.Filter):
+    """Without ``-v`` the terminal shows mixexport's own log lines only. Libraries' records (e.g.
+    onnxscript's constant-folding warnings) and Python warnings (torch's FutureWarnings, captured
+    as the ``py.warnings`` logger) are about the libraries, not the user's model: ``-v`` shows them."""
+
+    def __init__(self, verbose: int) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbose > 0 or record.name == "mixexport" or record.name.startswith("mixexport.")
+
+
+def configure_logging(verbose: int) -> None:
+    """Log records and Python warnings to stderr: WARNING and up, mixexport's own only (``-v``: INFO
+    and libraries' too, ``-vv``: DEBUG). Like ``logging.basicConfig``, an application that already
+    configured the root logger keeps its handlers."""
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if isinstance(h, _CliHandler)), None)
+    if handler is None and not root.handlers:
+        handler = _CliHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    if handler is not None:
+        handler.filters[:] = [OwnRecordsOnly(verbose)]
+        root.setLevel(logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
+    logging.captureWarnings(True)
+
+
+class _CliHandler(logging.StreamHandler):
+    """The stderr handler the CLI installs (found again, not stacked, when main runs twice)."""
 
 
 for _command in COMMANDS:
