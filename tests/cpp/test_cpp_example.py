@@ -175,8 +175,8 @@ def _both_refuse(scorer: Path, bundle: Path, needle: str) -> str:
 def test_scorer_refuses_an_engine_outside_the_bundle(scorer: Path, bundle_copy_aoti: Path) -> None:
     rel = json.loads((bundle_copy_aoti / "manifest.json").read_text())["segments"][0]["engines"]["aoti"]
     shutil.copy(bundle_copy_aoti / rel, bundle_copy_aoti.parent / "evil.pt2")
-    for escape, reason in (("../evil.pt2", "climbs out with '..'"),
-                           (str(bundle_copy_aoti.parent / "evil.pt2"), "is absolute")):
+    for escape, reason in (("../evil.pt2", "it climbs out with '..'"),
+                           (str(bundle_copy_aoti.parent / "evil.pt2"), "it is absolute")):
         _edit(bundle_copy_aoti, lambda d: d["segments"][0]["engines"].update(aoti=escape))
         _both_refuse(scorer, bundle_copy_aoti, f"segments[0].engines['aoti'] {escape!r} breaks the bundle path "
                                                f"rule (relative, no '..', resolving inside the bundle): {reason}")
