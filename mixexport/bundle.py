@@ -31,7 +31,7 @@ import onnx
 
 from mixexport import __version__
 from mixexport.errors import BadInputError, GateFailedError, IntegrityError
-from mixexport.manifest_check import SEGMENT_ROLES, validate
+from mixexport.manifest_check import validate
 from mixexport.source import Source, sha256_file
 from mixexport.specs import TensorSpec
 from mixexport.trust import check_files, external_data_files, file_digest, resolve_inside

@@ -44,7 +44,8 @@ def parse_pass_options(specs: tuple[str, ...], passes: list[PassInfo]) -> dict[s
         key, eq, value = spec.partition("=")
         pname, dot, fname = key.partition(".")
         if not (eq and dot and pname and fname):
-            raise BadInputError(f"--option {spec!r}: expected PASS.FIELD=VALUE", "e.g. --option quantize-w8a16.granularity=per-token")
+            raise BadInputError(f"--option {spec!r}: expected PASS.FIELD=VALUE",
+                                "e.g. --option quantize-w8a16.granularity=per-token")
         values.setdefault(pname, {})[fname] = value
     out = {}
     for p in passes:

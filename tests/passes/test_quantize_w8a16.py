@@ -282,4 +282,5 @@ def test_bfloat16_weights_get_bfloat16_scales(tiny_ckpt: Path) -> None:
     x = {"x3": rng.standard_normal((4, 3, 64)).astype(ml_dtypes.bfloat16)}
     got = ReferenceEvaluator(out).run(None, x)[0].astype(np.float32)
     want = ReferenceEvaluator(wm.dequantized_reference(original, out, res.report["layers"])).run(None, x)[0]
-    np.testing.assert_allclose(got, want.astype(np.float32), rtol=0, atol=1e-2 * float(np.abs(want.astype(np.float32)).max()))
+    np.testing.assert_allclose(got, want.astype(np.float32), rtol=0,
+                               atol=1e-2 * float(np.abs(want.astype(np.float32)).max()))
