@@ -15,7 +15,7 @@ Shapes (token axis second, ``[B, tokens, D]``; ``G = S / K`` merged groups)::
 Every attention is pre-LN with a residual, followed by a pre-LN GELU FFN, each layer with its own
 weights shared by the user and target streams.
 
-Choices where the paper is silent or where serving decides ([inferred], models-spec.md §4):
+Choices where the paper is silent or where serving decides ([inferred]):
 - **Position enters as a relative attention bias** (learnable per head, by distance in groups,
   bucketed, computed at query time) instead of an absolute position embedding added to the
   behaviours: the K/V of a merged behaviour then depend **only on its own items**, so a cached

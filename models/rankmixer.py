@@ -6,7 +6,7 @@ Block n (post-norm, H = T heads so the mixed tensor has the input's shape)::
     S = LN(TokenMix(X) + X)
     X' = LN(PFFN(S) + S)          PFFN: token t has its own W1[t] [D,kD], W2[t] [kD,D], GELU
 
-Choices where the paper is silent (models-spec.md §1, marked [inferred] there):
+Choices where the paper is silent ([inferred]):
 - tokenization: the user group (user columns + pooled behaviour sequence) and the item group
   (item columns + dense projection) are concatenated in that order, padded and cut into T chunks,
   each projected by its own weight ``[T, d, D]`` (the per-token-linear pattern of the FFN);

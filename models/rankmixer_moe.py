@@ -1,4 +1,4 @@
-"""RankMixer Sparse-MoE (arXiv 2507.15551 §3.4; models-spec.md §1.4): RankMixer whose per-token FFN
+"""RankMixer Sparse-MoE (arXiv 2507.15551 §3.4): RankMixer whose per-token FFN
 becomes ``E`` per-token experts with **ReLU routing** and **DTSI** (dense-training, sparse-inference).
 
 Tokenization, token mixing and the post-norm block are RankMixer's (imported from
@@ -16,7 +16,7 @@ combined in a Python loop with dense gate masking. ``torch.export`` unrolls the 
 parallel MatMul chains; the ``pack-moe-experts`` pass (``DEFAULT_PASSES``) turns them into stacked
 expert weights run as two batched MatMuls.
 
-Choices where the paper is silent ([inferred], see models-spec.md §1.4):
+Choices where the paper is silent ([inferred]):
 - **How h_infer learns.** The paper says both routers are trained, the L1 term applies only to
   h_infer and the training forward uses h_train; it does not say where h_infer's task signal comes
   from (with the L1 term alone its gates collapse to zero). We *distil*: each block also combines

@@ -1,4 +1,4 @@
-"""TokenMixer-Large (arXiv 2602.06563; models-spec.md §2): group tokens plus a global token,
+"""TokenMixer-Large (arXiv 2602.06563): group tokens plus a global token,
 mixing with free H and reverting, pre-RMSNorm, per-token SwiGLU in the mixed and the original token
 space, inter-layer residuals, training-only auxiliary heads, and the Sparse-Pertoken MoE.
 

@@ -13,7 +13,7 @@ came from G tokens are zeroed (the UG mask)::
     U' = LN(PFFN_U(S_U) + S_U),  S_U = LN(mixU + U)           per-token FFN/LN: U stays user-only
     G' = LN(PFFN_G(S_G) + S_G) + Wc·mean_t(U'),  S_G = LN(mixG + G)
 
-Choices where the paper is silent (models-spec.md §3, [inferred]): the exact mask indexing above;
+Choices where the paper is silent ([inferred]): the exact mask indexing above;
 **information compensation** ``G_j += mean_t(U')·Wc[j]`` after every block with a zero-initialised
 ``Wc [Tg,D,D]`` (one-way U→G), so training starts from plain UG-Sep; the separated residual of
 pyramid variants is omitted (T is constant); head = mean over all T tokens → per-task towers.

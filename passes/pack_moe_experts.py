@@ -3,9 +3,10 @@ router becomes stacked expert weights run as a few batched MatMuls with static s
 
 ``torch.export`` unrolls a researcher's ``for j, expert in enumerate(self.experts): out = out +
 gates[..., j:j+1] * expert(x)`` into ``E`` parallel MatMul chains on one token tensor, each
-multiplied by a slice of the gate tensor and summed (models-spec.md §11.4). This pass finds those
-sites in the ``torch.export`` program and replaces each with one :class:`PackedExperts` module, then
-re-exports the program with the segment's dynamic dims. The router nodes are kept as they are; the
+multiplied by a slice of the gate tensor and summed (``models/rankmixer_moe.py``,
+``models/tokenmixer_large.py``). This pass finds those sites in the ``torch.export`` program and
+replaces each with one :class:`PackedExperts` module, then re-exports the program with the
+segment's dynamic dims. The router nodes are kept as they are; the
 packed form applies their gates by **dense masking**, so the result is exact for any gating and the
 exported graph has no NonZero, Loop, If or data-dependent shape.
 

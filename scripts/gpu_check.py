@@ -1,5 +1,5 @@
-"""One command for the H100 test machine (docs: shared/docs/gpu.md): for every family's base config in
-``mixexport.models.FAMILIES``,
+"""One command for the H100 test machine (README: "Targets and where they were verified"): for every
+family's base config in ``mixexport.models.FAMILIES``,
 
 - builds an AOTI-CUDA bundle (``--aoti-precision``, default bf16) and an ORT-CUDA bundle
   (``--ort-precision``, default fp16: ORT's CUDA bf16 coverage is partial) through the real

@@ -16,6 +16,11 @@ exact:
   LayerNormalization + Add for our token widths (rankmixer base, 256 rows: 67 vs 76 ms measured).
 
 Note: ORT separates the names in ``optimization.disable_specified_optimizers`` with ``;``.
+
+Which ONNX Runtime: the ``onnxruntime`` (CPU) and ``onnxruntime-gpu`` wheels install the same
+``onnxruntime`` module, so with both installed whichever landed last wins. mixexport's extras pick
+exactly one (``mixexport[cpu]`` or ``mixexport[gpu]``); :func:`ort_build` says which build and
+providers are active (``mixexport inspect``, ``bench``/``verify --device cuda``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ from mixexport.bundle import Manifest, SegmentEntry
 from mixexport.errors import BadInputError, EnvironmentUnavailableError
 from mixexport.manifest_check import interface_mismatch
 
+#: The wheels that install the ``onnxruntime`` module (one at a time).
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+INSTALL_HINT = ('pip install "mixexport[cpu]" (CPU) or "mixexport[gpu]" (CUDA), not both: '
+                "the two wheels install the same module")
 DEFAULT_OPTIONS: dict[str, Any] = {
     "graph_optimization_level": "ORT_ENABLE_ALL",
     "config": {"session.qdq_matmulnbits_accuracy_level": "0", "session.intra_op.allow_spinning": "0",
@@ -81,13 +90,15 @@ class OnnxRuntimeBackend:
         self.device = device
 
     def unavailable_reason(self) -> str | None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            return "onnxruntime is not installed: pip install onnxruntime"
-        if self.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            return ("onnxruntime has no CUDA execution provider here (needs onnxruntime-gpu and a GPU): "
-                    'pip install "mixexport[gpu]"')
+        build = ort_build()
+        if build["version"] is None:
+            return f"onnxruntime is not installed: {INSTALL_HINT}"
+        if self.device == "cuda" and "CUDAExecutionProvider" not in build["providers"]:
+            fix = 'pip install "mixexport[gpu]"'
+            if "onnxruntime" in build["distributions"]:  # the CPU wheel's module would shadow the GPU one
+                fix = f"pip uninstall -y {' '.join(build['distributions'])} && {fix}"
+            return (f"onnxruntime has no CUDA execution provider here (needs the onnxruntime-gpu wheel alone, "
+                    f"and a GPU); active: {describe_ort_build(build)}: {fix}")
         return None
 
     def session_options(self) -> dict[str, Any]:
@@ -125,4 +136,41 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         return {"backend": self.name, "device": self.device, "onnxruntime": ort.__version__,
-                "providers": ort.get_available_providers(), "session_options": self.session_options()}
+                "providers": ort.get_available_providers(), "session_options": self.session_options(),
+                "build": ort_build()}
+
+
+def ort_build() -> dict[str, Any]:
+    """The ONNX Runtime active here: the installed wheels that provide the module
+    (``distributions``: name → version), the module's ``version`` and available ``providers`` (None
+    and [] when it does not import), and ``conflict`` when more than one of those wheels is
+    installed (they overwrite each other's files: whichever landed last is what runs)."""
+    from importlib import metadata
+
+    dists = {}
+    for name in ORT_DISTRIBUTIONS:
+        try:
+            dists[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"distributions": dists, "version": None, "providers": [], "conflict": len(dists) > 1}
+    return {"distributions": dists, "version": ort.__version__, "providers": list(ort.get_available_providers()),
+            "conflict": len(dists) > 1}
+
+
+def describe_ort_build(build: Mapping[str, Any] | None = None) -> str:
+    """One line: ``ONNX Runtime 1.23.2 (wheel onnxruntime-gpu 1.23.2), providers CUDA, CPU`` and, when
+    both wheels are installed, what to do about it."""
+    build = build or ort_build()
+    if build["version"] is None:
+        return f"ONNX Runtime: not installed ({INSTALL_HINT})"
+    wheels = ", ".join(f"{k} {v}" for k, v in build["distributions"].items()) or "no wheel metadata"
+    providers = ", ".join(p.removesuffix("ExecutionProvider") for p in build["providers"]) or "none"
+    line = f"ONNX Runtime {build['version']} (wheel {wheels}), providers {providers}"
+    if build["conflict"]:
+        line += ("; both onnxruntime and onnxruntime-gpu are installed and share one module: "
+                 "pip uninstall -y onnxruntime onnxruntime-gpu, then install one")
+    return line

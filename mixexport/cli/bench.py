@@ -39,18 +39,24 @@ def command(ctx: click.Context, bundle: str, checkpoint: str | None, backend: st
     # 174 -> 98 ms, eager unchanged when timed alone, rankmixer base at N=256). Must be set before
     # torch loads; an explicit setting from the user wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from mixexport.backends.onnxruntime import describe_ort_build, ort_build
     from mixexport.verification import bench_bundle
     from mixexport.verification.report import latency_markdown
 
+    ort = ort_build()  # which ONNX Runtime build and providers time the bundle (onnxruntime vs -gpu)
     with progress(ctx) as say:
+        say(describe_ort_build(ort))
         report = bench_bundle(bundle, checkpoint=checkpoint, backend=backend, device=device,
                               candidates=parse_csv_ints(candidates, "--candidates"), users=users,
                               budget_s=budget, peers=tuple(p for p in peers.split(",") if p), compare=compare,
                               cache_modes=cache_modes, seq_len=seq_len, progress=say)
+    report = {**report, "onnxruntime": ort}
     if save:
         Path(save).write_text(json.dumps(report, indent=2) + "\n")
     if as_json:
         emit_json(report)
     else:
+        if device == "cuda" or ort["conflict"]:
+            click.echo(describe_ort_build(ort))
         click.echo("\n".join(latency_markdown(report)))
     return 0

@@ -12,6 +12,7 @@ from mixexport.specs import describe
 
 
 def inspect_source(path: str) -> dict[str, Any]:
+    from mixexport.backends.onnxruntime import ort_build
     from mixexport.pipeline import preconditions
     from mixexport.source import load_source
 
@@ -20,14 +21,18 @@ def inspect_source(path: str) -> dict[str, Any]:
     return {"kind": source.kind, "path": str(source.path), "sha256": source.sha256, "family": source.family,
             "config": source.config, "params": source.params, "metadata": source.metadata,
             "inputs": [s.to_json() for s in source.inputs], "outputs": [s.to_json() for s in source.outputs],
-            "default_passes": list(source.default_passes), "passes": applicable, "notes": list(source.notes)}
+            "default_passes": list(source.default_passes), "passes": applicable, "notes": list(source.notes),
+            "onnxruntime": ort_build()}
 
 
 def inspect_bundle(path: str) -> dict[str, Any]:
+    from mixexport.backends.onnxruntime import ort_build
     from mixexport.bundle import read_manifest
 
     m = read_manifest(path)
-    return {"kind": "bundle", "path": str(Path(path)), "manifest_sha256": m.sha256, **m.data}
+    # "onnxruntime": the build that would run it here (onnxruntime vs onnxruntime-gpu, providers)
+    return {"kind": "bundle", "path": str(Path(path)), "manifest_sha256": m.sha256, **m.data,
+            "onnxruntime": ort_build()}
 
 
 @click.command("inspect")
@@ -39,6 +44,7 @@ def command(path: str, as_json: bool) -> int:
     if as_json:
         emit_json(info)
         return 0
+    from mixexport.backends.onnxruntime import describe_ort_build
     from mixexport.specs import TensorSpec
 
     if info["kind"] == "bundle":
@@ -54,6 +60,7 @@ def command(path: str, as_json: bool) -> int:
                    f"{len(info['files'])} files with sha256")
         click.echo(f"  manifest sha256: {info['manifest_sha256']} (pin it: verify --manifest-sha256, "
                    "Runtime.open(manifest_sha256=))")
+        click.echo(f"  runs here with {describe_ort_build(info['onnxruntime'])}")
         return 0
     click.echo(f"{info['kind']} {info['path']}: family {info['family'] or '(own program)'}, "
                f"{info['params']:,} parameters")
@@ -64,4 +71,5 @@ def command(path: str, as_json: bool) -> int:
         click.echo(f"  {name}: {'applies' if why is None else 'does not apply: ' + why}")
     for note in info["notes"]:
         click.echo(f"  note: {note}")
+    click.echo(f"  runs here with {describe_ort_build(info['onnxruntime'])}")
     return 0
