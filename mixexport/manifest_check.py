@@ -48,6 +48,9 @@ ORT_CONFIG = {
     "session.intra_op.allow_spinning": re.compile(r"[01]"),
     "session.inter_op.allow_spinning": re.compile(r"[01]"),
     "optimization.disable_specified_optimizers": re.compile(r"[A-Za-z0-9_]{1,64}(;[A-Za-z0-9_]{1,64}){0,63}"),
+    **{f"session.{flag}": re.compile(r"[01]") for flag in (
+        "disable_quant_qdq", "disable_prepacking", "set_denormal_as_zero", "disable_aot_function_inlining",
+        "disable_cpu_ep_fallback", "disable_double_qdq_remover", "enable_quant_qdq_cleanup", "use_env_allocators")},
 }
 
 
@@ -220,6 +223,14 @@ def _segments(c: _Check, root: Path, value: Any) -> list[dict[str, Any]]:
             resolve_inside(root, rel, f"{where}.engines[{be!r}]")
         _session_options(c, backend, c.obj(seg.get("session_options") or {}, f"{where}.session_options"),
                          f"{where}.session_options")
+        int8 = seg["engine_build"].get("int8") if isinstance(seg.get("engine_build"), dict) else None
+        if int8 is not None:  # read by verify: the int8-in-the-engine check recorded at build
+            int8 = c.obj(int8, f"{where}.engine_build.int8")
+            c.name(c.key(int8, "status", f"{where}.engine_build.int8"), f"{where}.engine_build.int8.status", 32)
+            for key in ("engine_bytes", "float_engine_bytes"):
+                c.integer(c.key(int8, key, f"{where}.engine_build.int8"), f"{where}.engine_build.int8.{key}", hi=2**62)
+            if c.key(int8, "ratio", f"{where}.engine_build.int8") is not None:
+                c.number(int8["ratio"], f"{where}.engine_build.int8.ratio")
     roles = [s["role"] for s in segments]
     if set(roles) not in LAYOUTS or len(roles) != len(set(roles)):
         raise c.fail("segments", f"have roles {roles}: a bundle has one full segment, or user/cache segments "
@@ -257,10 +268,13 @@ def _session_options(c: _Check, backend: str, options: dict[str, Any], where: st
                 raise c.fail(f"{where}.profile[{axis!r}]", f"has {len(box)} values, expected [min, opt, max]")
             for v in box:
                 c.integer(v, f"{where}.profile[{axis!r}]", hi=1 << 31)
-    for key, value in options.items():  # other backends: flat scalars (aoti: device; tensorrt: flags)
+    scalar = (str, int, float, bool, type(None))
+    for key, value in options.items():  # other backends: scalars or lists of them (aoti: device; tensorrt: archs)
         c.name(key, f"{where} key", longest=64)
-        if value is not None and not isinstance(value, (str, int, float, bool)):
-            raise c.fail(f"{where}[{key!r}]", f"must be a string, number or boolean, found {_kind(value)}")
+        if not isinstance(value, scalar) and not (isinstance(value, list) and len(value) <= 64
+                                                  and all(isinstance(v, scalar) for v in value)):
+            raise c.fail(f"{where}[{key!r}]", f"must be a string, number, boolean or a short list of them, "
+                                              f"found {_kind(value)}")
     if backend == "aoti" and "device" in options:
         c.choice(options["device"], f"{where}.device", ("cpu", "cuda"))
 

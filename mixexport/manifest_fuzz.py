@@ -43,7 +43,7 @@ NEGATIVE = (-1, -2**31, -2**63, -0.5)
 ESCAPES = ("../outside.onnx", "/etc/passwd", "segments/../../x", "segments\\model.onnx", "", ".", "segments/",
            "/", "a/../../b", "C:/x")
 
-Path_ = tuple  # a path in the JSON tree: keys and indices
+JsonPath = tuple  # a path in the JSON tree: keys and indices
 
 
 class _Hang(BaseException):
@@ -73,7 +73,7 @@ class Mutation:
 # --------------------------------------------------------------------------------------------
 # mutating
 
-def _paths(node: Any, prefix: Path_ = ()) -> Iterator[Path_]:
+def _paths(node: Any, prefix: JsonPath = ()) -> Iterator[JsonPath]:
     yield prefix
     if isinstance(node, dict):
         for k, v in node.items():
@@ -83,13 +83,13 @@ def _paths(node: Any, prefix: Path_ = ()) -> Iterator[Path_]:
             yield from _paths(v, prefix + (i,))
 
 
-def _get(node: Any, path: Path_) -> Any:
+def _get(node: Any, path: JsonPath) -> Any:
     for p in path:
         node = node[p]
     return node
 
 
-def _show(path: Path_) -> str:
+def _show(path: JsonPath) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(root)"
 
 
