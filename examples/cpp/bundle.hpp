@@ -219,8 +219,19 @@ inline json parse_manifest(const std::string& text) {
   return m;
 }
 
-inline Bundle load(const std::string& root) {
-  json m = parse_manifest(read_text(root + "/manifest.json"));
+// `pinned`: the manifest's own sha256 as published with the bundle ("" = not pinned); a manifest
+// whose bytes differ is refused before it is parsed.
+inline Bundle load(const std::string& root, const std::string& pinned = "") {
+  std::string text = read_text(root + "/manifest.json");
+  if (!pinned.empty()) {
+    mixsha::Sha256 h;
+    h.update(reinterpret_cast<const unsigned char*>(text.data()), text.size());
+    std::string digest = h.hex(), want = pinned;
+    for (char& ch : want) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    if (digest != want)
+      throw std::runtime_error(root + "/manifest.json has sha256 " + digest + ", not the pinned " + pinned.substr(0, 64));
+  }
+  json m = parse_manifest(text);
   const json& version = at(m, "schema_version", "manifest");
   if (!version.is_number_integer() || version.get<int64_t>() != 1)
     throw std::runtime_error("manifest: unsupported bundle schema version " + version.dump());

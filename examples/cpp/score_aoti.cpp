@@ -1,6 +1,6 @@
 // The core of a C++ scoring server for a mixexport AOTI bundle (`mixexport build --target aoti`).
 //
-//   mixexport_score_aoti BUNDLE_DIR REQUEST_DIR [--device cpu|cuda] [--repeat K]
+//   mixexport_score_aoti BUNDLE_DIR REQUEST_DIR [--device cpu|cuda] [--repeat K] [--manifest-sha256 HEX]
 //
 // Reads BUNDLE_DIR/manifest.json (every path it names must stay inside the bundle), checks every
 // segment's AOTInductor package against its sha256 in the manifest, then loads them with libtorch's
@@ -11,6 +11,7 @@
 //     candidates with the user state (leading dim U), the item inputs and user_index.
 // Prints every model output, one line per candidate (values with 9 significant digits, enough to
 // round-trip float32). With --repeat K, also times K scoring calls and prints the mean on stderr.
+// With --manifest-sha256 HEX, a manifest.json whose sha256 differs is refused before it is read.
 #include <ATen/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
@@ -143,22 +144,24 @@ void print_outputs(const mixbundle::Bundle& b, const TensorMap& outs) {
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    std::cerr << "usage: " << argv[0] << " BUNDLE_DIR REQUEST_DIR [--device cpu|cuda] [--repeat K]\n";
+    std::cerr << "usage: " << argv[0]
+              << " BUNDLE_DIR REQUEST_DIR [--device cpu|cuda] [--repeat K] [--manifest-sha256 HEX]\n";
     return 2;
   }
-  std::string device_name = "cpu";
+  std::string device_name = "cpu", pinned;
   int repeat = 0;
   for (int k = 3; k + 1 < argc; k += 2) {
     std::string flag = argv[k];
     if (flag == "--device") device_name = argv[k + 1];
     else if (flag == "--repeat") repeat = std::stoi(argv[k + 1]);
+    else if (flag == "--manifest-sha256") pinned = argv[k + 1];
     else {
       std::cerr << "unknown option " << flag << "\n";
       return 2;
     }
   }
   try {
-    mixbundle::Bundle bundle = mixbundle::load(argv[1]);
+    mixbundle::Bundle bundle = mixbundle::load(argv[1], pinned);
     mixbundle::Request req = mixbundle::load_request(bundle, argv[2]);
     c10::Device device(device_name);
     TensorMap user, item;

@@ -208,6 +208,23 @@ def test_scorer_refuses_duplicate_keys(scorer: Path, bundle_copy_aoti: Path) -> 
     assert r.returncode == 1 and r.stderr == "error: manifest.json is not valid JSON (duplicate key 'target')\n"
 
 
+def test_scorer_takes_a_manifest_pin(scorer: Path, bundle_copy_aoti: Path) -> None:
+    import hashlib
+
+    from mixexport.errors import IntegrityError
+
+    req = str(bundle_copy_aoti.parent / "req")
+    digest = hashlib.sha256((bundle_copy_aoti / "manifest.json").read_bytes()).hexdigest()
+    r = subprocess.run([str(scorer), str(bundle_copy_aoti), req, "--manifest-sha256", digest.upper()],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and parse_outputs(r.stdout)["logit"].shape == (16, 1), r.stderr
+    _edit(bundle_copy_aoti, lambda d: d.update(notes=["edited"]))
+    with pytest.raises(IntegrityError) as e:
+        Runtime.open(bundle_copy_aoti, manifest_sha256=digest)
+    r = subprocess.run([str(scorer), str(bundle_copy_aoti), req, "--manifest-sha256", digest], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.splitlines() == [f"error: {e.value.message}"]
+
+
 def test_scorer_survives_manifest_fuzzing(scorer: Path, bundle_copy_aoti: Path) -> None:
     """Random structural mutations (mixexport.manifest_fuzz): scores or one ``error:`` line, never a
     crash, a hang or a partial answer."""
