@@ -11,6 +11,11 @@ Directory layout::
 
 A bundle is written into a temporary sibling directory and renamed into place only when complete,
 so a server never sees a half-written bundle; ``--force`` swaps the old one out after that.
+
+A bundle is also a trust boundary (:mod:`mixexport.trust`): :func:`read_manifest` validates the
+manifest in full (:mod:`mixexport.manifest_check`) and refuses any path that leaves the bundle;
+:meth:`Manifest.file` resolves paths under the same rule; :func:`check_integrity` (``verify``) and
+:meth:`Manifest.check_files` (``Runtime.open``) compare files with their sha256 before use.
 """
 
 from __future__ import annotations
