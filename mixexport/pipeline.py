@@ -22,6 +22,7 @@ from mixexport.bundle import SCHEMA_VERSION, Bundle, BundleWriter, PassRecord, S
 from mixexport.errors import BadInputError, GateFailedError, MixexportError, PassError
 from mixexport.export import EXTERNAL_DATA_THRESHOLD, op_histogram, save_onnx, to_onnx, weight_bytes
 from mixexport.passes import PassInfo, PassResult
+from mixexport.passes.options import build_options, check_specs, split_specs
 from mixexport.passes.order import ORDER, pass_by_name
 from mixexport.runtime import Runtime
 from mixexport.source import Source, export_program, load_source
@@ -37,45 +38,17 @@ SAMPLE_USERS, SAMPLE_CANDIDATES = 2, 16
 Progress = Callable[[str], None]
 
 
-def parse_pass_options(specs: tuple[str, ...], passes: list[PassInfo]) -> dict[str, Any]:
-    """``--option pass-name.field=value`` → an options dataclass per pass (defaults elsewhere)."""
-    values: dict[str, dict[str, str]] = {}
-    for spec in specs:
-        key, eq, value = spec.partition("=")
-        pname, dot, fname = key.partition(".")
-        if not (eq and dot and pname and fname):
-            raise BadInputError(f"--option {spec!r}: expected PASS.FIELD=VALUE",
-                                "e.g. --option quantize-w8a16.granularity=per-token")
-        values.setdefault(pname, {})[fname] = value
-    out = {}
-    for p in passes:
-        given = values.pop(p.name, {})
-        fields = {f.name: f for f in dataclasses.fields(p.options)}
-        kwargs = {}
-        for fname, raw in given.items():
-            if fname not in fields:
-                raise BadInputError(f"--option {p.name}.{fname}: unknown option; {p.name} has "
-                                    f"{sorted(fields) or 'no options'}", "see `mixexport passes`")
-            kwargs[fname] = _coerce(p.name, fname, raw, getattr(p.options(), fname))
-        out[p.name] = p.options(**kwargs)
+def parse_pass_options(specs: tuple[str, ...], passes: list[PassInfo],
+                       defaults: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``--option pass-name.field=value`` → the options of every pass in ``passes``, validated at
+    construction (:mod:`mixexport.passes.options`). Fields not given take ``defaults`` (a target's
+    choices, e.g. TensorRT's int8 embedding form), else the dataclass's."""
+    values = split_specs(specs)
+    out = {p.name: build_options(p.name, values.pop(p.name, {}), (defaults or {}).get(p.name)) for p in passes}
     if values:
         raise BadInputError(f"--option given for passes that do not run: {sorted(values)}",
                             "add them to --passes or drop the option")
     return out
-
-
-def _coerce(pname: str, fname: str, raw: str, default: Any) -> Any:
-    try:
-        if isinstance(default, bool):
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("true", "1", "yes")
-        if isinstance(default, tuple):
-            return tuple(x for x in raw.split(",") if x)
-        return type(default)(raw)
-    except ValueError:
-        raise BadInputError(f"--option {pname}.{fname}={raw!r}: expected {type(default).__name__}",
-                            f"default is {default!r}") from None
 
 
 @dataclass(frozen=True)
@@ -238,20 +211,64 @@ def dump_bundle(bundle: Bundle, path: Path, say: Progress) -> None:
 
 
 def build(checkpoint: str | Path, options: BuildOptions, progress: Progress | None = None) -> BuildResult:
-    """Build a bundle at ``options.out``; nothing is left there unless the build succeeds."""
-    from mixexport.backends import get_backend
-    from mixexport.verification.run import bench_bundle, verify_bundle
-    from mixexport.verification.report import plot_latency, write_markdown
+    """Build a bundle at ``options.out``; nothing is left there unless the build succeeds.
 
-    say = progress or (lambda _msg: None)
+    The steps, in order: load (every input checked, the model loaded, before any export) → export
+    (torch.export) → run passes (the ONNX export where the program stage ends) → write segments
+    (ONNX files, backend artifacts, manifest) → verify → bench → write reports → commit (the parity
+    gate, then the atomic rename).
+    """
     t0 = time.perf_counter()
+    plan = _load(checkpoint, options, progress or (lambda _msg: None))
+    bundle = _run_passes(plan, _export(plan))
+    with BundleWriter(Path(options.out), options.force) as writer:
+        manifest = _write_segments(plan, bundle, writer)
+        parity = _verify(plan, writer)
+        latency = _bench(plan, writer, parity)
+        _write_reports(plan, bundle, writer, parity, latency)
+        out = _commit(plan, bundle, writer, manifest, parity)
+    return BuildResult(out=out, manifest=manifest, parity=parity, latency=latency,
+                       seconds=time.perf_counter() - t0)
+
+
+@dataclass
+class _Plan:
+    """What a build has settled before it exports anything, and the stage ledger it fills."""
+
+    options: BuildOptions
+    say: Progress
+    backend: Any
+    source: Source
+    passes: list[PassInfo]
+    pass_options: dict[str, Any]
+    request: Request                  # the sample request: ledger, ONNX export, inputs/sample.npz
+    expected: dict[str, np.ndarray]   # the eager model's outputs for it
+    ledger: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, stage: str, bundle: Bundle) -> None:
+        """Ledger row: error vs eager after ``stage``, at the tolerances of the bundle's precision."""
+        tol = resolve_tolerances([s.name for s in self.source.outputs], bundle.precision, self.options.atol,
+                                 self.options.rtol)
+        self.ledger.append(_ledger_entry(stage, bundle, self.request, self.expected, tol))
+
+    def dump(self, stage: str, bundle: Bundle) -> None:
+        """``--dump-after STAGE``: the intermediate segments next to ``--out``."""
+        if self.options.dump_after == stage:
+            dump_bundle(bundle, Path(f"{self.options.out}.after-{stage}"), self.say)
+
+
+def _load(checkpoint: str | Path, options: BuildOptions, say: Progress) -> _Plan:
+    """Refuse what cannot be built (target, backend, output directory, pass options, passes for the
+    target), load the model, choose its passes and score the sample request eagerly."""
+    from mixexport.backends import get_backend
+    from mixexport.bundle import check_out_dir
+
     if options.target not in TARGETS:
         raise BadInputError(f"unknown --target {options.target!r}; known: {', '.join(TARGETS)}", "e.g. --target onnx")
     backend = get_backend(TARGETS[options.target], options.device,
                           settings={"shapes": options.shapes, "version_compatible": options.version_compatible})
-    from mixexport.bundle import check_out_dir
-
     check_out_dir(Path(options.out), options.force)
+    check_specs(options.pass_options)  # a misspelled --option fails before the model loads
     say("loading model")
     source = load_source(checkpoint, options.roles)
     passes = select_passes(source, options.passes)
@@ -264,97 +281,131 @@ def build(checkpoint: str | Path, options: BuildOptions, progress: Progress | No
 
         refuse_onnx_stage_passes([p.name for p in passes], options.target)
     request = source.example_request(SAMPLE_USERS, SAMPLE_CANDIDATES, seed=0)
-    expected = Runtime.reference(source).score(request)
-    ledger: list[dict[str, Any]] = []
+    with Runtime.reference(source) as reference:
+        expected = reference.score(request)
+    return _Plan(options, say, backend, source, passes, pass_options, request, expected)
 
-    def record(stage: str, b: Bundle) -> None:
-        """Ledger row: error vs eager after ``stage``, at the tolerances of the bundle's precision."""
-        tol = resolve_tolerances([s.name for s in source.outputs], b.precision, options.atol, options.rtol)
-        ledger.append(_ledger_entry(stage, b, request, expected, tol))
 
-    say("torch.export (dynamic batch)")
+def _export(plan: _Plan) -> Bundle:
+    """torch.export with a dynamic batch axis, cast to ``--precision``: the first ledger row."""
     from mixexport.precision import cast_bundle
 
-    bundle = cast_bundle(initial_bundle(source), options.precision)
-    record("torch.export", bundle)
+    plan.say("torch.export (dynamic batch)")
+    bundle = cast_bundle(initial_bundle(plan.source), plan.options.precision)
+    plan.record("torch.export", bundle)
+    return bundle
+
+
+def _run_passes(plan: _Plan, bundle: Bundle) -> Bundle:
+    """Every chosen pass under its contract (:func:`run_pass`), in pipeline order, each recorded in
+    the bundle and the ledger; the ONNX export happens where the program stage ends."""
     done: list[str] = []
-
-    def export_now(b: Bundle) -> Bundle:
-        say("ONNX export (opset 21)")
-        b = to_onnx_stage(b, request)
-        record("onnx export", b)
-        if options.dump_after == "export":
-            dump_bundle(b, Path(f"{options.out}.after-export"), say)
-        return b
-
-    for info in passes:
+    for info in plan.passes:
         if info.stage == "onnx" and bundle.stage == "program":
-            bundle = export_now(bundle)
-        say(f"pass {info.name}")
-        result = run_pass(info, bundle, pass_options[info.name], done)
+            bundle = _to_onnx(plan, bundle)
+        plan.say(f"pass {info.name}")
+        options = plan.pass_options[info.name]
+        result = run_pass(info, bundle, options, done)
         bundle = result.bundle.replace(passes=bundle.passes + (PassRecord(
-            info.name, dataclasses.asdict(pass_options[info.name]), result.report),))
+            info.name, dataclasses.asdict(options), result.report),))
         done.append(info.name)
-        record(f"pass {info.name}", bundle)
-        if options.dump_after == info.name:
-            dump_bundle(bundle, Path(f"{options.out}.after-{info.name}"), say)
-    if bundle.stage == "program":
-        bundle = export_now(bundle)
+        plan.record(f"pass {info.name}", bundle)
+        plan.dump(info.name, bundle)
+    return _to_onnx(plan, bundle) if bundle.stage == "program" else bundle
 
-    with BundleWriter(Path(options.out), options.force) as writer:
-        say("writing bundle")
-        seg_json = []
-        for seg in bundle.segments:
-            files = save_onnx(seg.onnx, writer.path(f"segments/{seg.name}.onnx"), options.external_threshold)
-            seg_json.append({**seg.to_json(), "file": f"segments/{seg.name}.onnx",
-                             "data_files": [f"segments/{f.name}" for f in files[1:]],
-                             "backend": backend.name, "engines": {},
-                             "session_options": backend.session_options(),
-                             "ops": op_histogram(seg.onnx), "weight_bytes": weight_bytes(seg.onnx)})
-        engines = backend.compile(bundle, writer, say)
-        for entry in seg_json:
-            entry["engines"] = engines.get(entry["name"], {})
-        np.savez(writer.path("inputs/sample.npz"), **request.to_npz_dict())
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": library_versions(),
-            "model": {"family": source.family, "config": source.config, "params": source.params,
-                      "source": source.info(), "roles": options.roles or None, "multiples": source.multiples,
-                      "minimums": source.minimums,
-                      "inputs": [s.to_json() for s in source.inputs],
-                      "outputs": [s.to_json() for s in source.outputs]},
-            "target": options.target, "device": options.device, "precision": bundle.precision,
-            "segments": seg_json, "caches": [c.to_json() for c in bundle.caches],
-            "passes": [dataclasses.asdict(p) for p in bundle.passes],
-            "notes": list(source.notes), "files": {},
-        }
-        writer.write_json("manifest.json", manifest)
-        say("verifying parity")
-        parity = verify_bundle(writer.tmp, checkpoint=source.path, data=options.data, metrics=options.metrics,
-                               atol=options.atol, rtol=options.rtol, integrity=False, progress=say,
-                               device=options.device)
-        parity["ledger"] = ledger
-        latency = None
-        if options.bench and parity["status"] == "PASS":
-            say("measuring latency")
-            latency = bench_bundle(writer.tmp, checkpoint=source.path, candidates=options.bench_candidates,
-                                   budget_s=options.bench_budget_s, progress=say, device=options.device)
-        writer.write_json("reports/parity.json", parity)
-        if latency:
-            writer.write_json("reports/latency.json", latency)
-            plot_latency(latency, writer.path("reports/latency.png"))
-        write_markdown(writer.path("reports/report.md"), f"mixexport bundle: {source.family or source.path.name}",
-                       parity, latency, [f"Target `{options.target}`, passes: {done or 'none'}.", ""])
-        manifest["parity"] = {"status": parity["status"], "max_rel": parity["max_rel"],
-                              "delta_auc": (parity["metrics"].get("auc") or {}).get("delta"),
-                              "metrics": parity["metrics"].get("status")}
-        if parity["status"] != "PASS" and not options.keep_failed:
-            hint = "see the stage ledger with --keep-failed, or loosen --atol/--rtol per output"
-            if "quantize-w8a16" in done:  # top-k routing is discontinuous: int8 weights can flip routes
-                hint += ("; a top-k MoE router can pick other experts for tokens near a tie once upstream "
-                         "weights are int8: keep those layers in float (--option quantize-w8a16.skip=PATTERN)")
-            raise GateFailedError("parity failed; no bundle written:\n  " + "\n  ".join(parity["failures"]), hint)
-        out = writer.commit(manifest)
-    return BuildResult(out=out, manifest=manifest, parity=parity, latency=latency,
-                       seconds=time.perf_counter() - t0)
+
+def _to_onnx(plan: _Plan, bundle: Bundle) -> Bundle:
+    plan.say("ONNX export (opset 21)")
+    bundle = to_onnx_stage(bundle, plan.request)
+    plan.record("onnx export", bundle)
+    plan.dump("export", bundle)
+    return bundle
+
+
+def _write_segments(plan: _Plan, bundle: Bundle, writer: BundleWriter) -> dict[str, Any]:
+    """The ONNX segments, the backend's artifacts (engines, AOTI packages), the sample request and
+    the manifest (the files' sha256 are added at commit)."""
+    options, backend, source = plan.options, plan.backend, plan.source
+    plan.say("writing bundle")
+    seg_json = []
+    for seg in bundle.segments:
+        files = save_onnx(seg.onnx, writer.path(f"segments/{seg.name}.onnx"), options.external_threshold)
+        seg_json.append({**seg.to_json(), "file": f"segments/{seg.name}.onnx",
+                         "data_files": [f"segments/{f.name}" for f in files[1:]],
+                         "backend": backend.name, "engines": {},
+                         "session_options": backend.session_options(),
+                         "ops": op_histogram(seg.onnx), "weight_bytes": weight_bytes(seg.onnx)})
+    engines = backend.compile(bundle, writer, plan.say)
+    for entry in seg_json:
+        entry["engines"] = engines.get(entry["name"], {})
+    np.savez(writer.path("inputs/sample.npz"), **plan.request.to_npz_dict())
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": library_versions(),
+        "model": {"family": source.family, "config": source.config, "params": source.params,
+                  "source": source.info(), "roles": options.roles or None, "multiples": source.multiples,
+                  "minimums": source.minimums,
+                  "inputs": [s.to_json() for s in source.inputs],
+                  "outputs": [s.to_json() for s in source.outputs]},
+        "target": options.target, "device": options.device, "precision": bundle.precision,
+        "segments": seg_json, "caches": [c.to_json() for c in bundle.caches],
+        "passes": [dataclasses.asdict(p) for p in bundle.passes],
+        "notes": list(source.notes), "files": {},
+    }
+    writer.write_json("manifest.json", manifest)
+    return manifest
+
+
+def _verify(plan: _Plan, writer: BundleWriter) -> dict[str, Any]:
+    """Tensor and metric parity of the written directory (as ``mixexport verify``), plus the ledger."""
+    from mixexport.verification.run import verify_bundle
+
+    options = plan.options
+    plan.say("verifying parity")
+    parity = verify_bundle(writer.tmp, checkpoint=plan.source.path, data=options.data, metrics=options.metrics,
+                           atol=options.atol, rtol=options.rtol, integrity=False, progress=plan.say,
+                           device=options.device)
+    parity["ledger"] = plan.ledger
+    return parity
+
+
+def _bench(plan: _Plan, writer: BundleWriter, parity: dict[str, Any]) -> dict[str, Any] | None:
+    """Latency of the written directory vs eager (as ``mixexport bench``), when parity passed."""
+    from mixexport.verification.run import bench_bundle
+
+    options = plan.options
+    if not (options.bench and parity["status"] == "PASS"):
+        return None
+    plan.say("measuring latency")
+    return bench_bundle(writer.tmp, checkpoint=plan.source.path, candidates=options.bench_candidates,
+                        budget_s=options.bench_budget_s, progress=plan.say, device=options.device)
+
+
+def _write_reports(plan: _Plan, bundle: Bundle, writer: BundleWriter, parity: dict[str, Any],
+                   latency: dict[str, Any] | None) -> None:
+    from mixexport.verification.report import plot_latency, write_markdown
+
+    writer.write_json("reports/parity.json", parity)
+    if latency:
+        writer.write_json("reports/latency.json", latency)
+        plot_latency(latency, writer.path("reports/latency.png"))
+    done = [p.name for p in bundle.passes]
+    write_markdown(writer.path("reports/report.md"), f"mixexport bundle: {plan.source.family or plan.source.path.name}",
+                   parity, latency, [f"Target `{plan.options.target}`, passes: {done or 'none'}.", ""])
+
+
+def _commit(plan: _Plan, bundle: Bundle, writer: BundleWriter, manifest: dict[str, Any],
+            parity: dict[str, Any]) -> Path:
+    """The parity summary into the manifest, the gate (no bundle unless parity passed, or
+    ``--keep-failed``), then the atomic rename."""
+    manifest["parity"] = {"status": parity["status"], "max_rel": parity["max_rel"],
+                          "delta_auc": (parity["metrics"].get("auc") or {}).get("delta"),
+                          "metrics": parity["metrics"].get("status")}
+    if parity["status"] != "PASS" and not plan.options.keep_failed:
+        hint = "see the stage ledger with --keep-failed, or loosen --atol/--rtol per output"
+        if any(p.name == "quantize-w8a16" for p in bundle.passes):  # top-k routing is discontinuous
+            hint += ("; a top-k MoE router can pick other experts for tokens near a tie once upstream "
+                     "weights are int8: keep those layers in float (--option quantize-w8a16.skip=PATTERN)")
+        raise GateFailedError("parity failed; no bundle written:\n  " + "\n  ".join(parity["failures"]), hint)
+    return writer.commit(manifest)

@@ -31,11 +31,12 @@ import torch
 from torch import fx
 
 from mixexport.bundle import Bundle, CacheSpec, Segment
-from mixexport.errors import BadInputError, PreconditionError
+from mixexport.errors import PreconditionError
 from mixexport.partition import (USER_INDEX, Analysis, SegmentBuilder, analyze, batch_axis, boundary,
                                  check_composition, describe_node, dim_minimums, export_segment, expr, gather_rows,
                                  rename_batch, run_program, segment_flops, single_full_segment, tensor_spec)
 from mixexport.passes import PassInfo, PassResult
+from mixexport.passes.options import ExtractKvCacheOptions as Options
 from mixexport.specs import TensorSpec, random_ids
 
 SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default}
@@ -47,17 +48,6 @@ VIEW_OPS = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.
 PREDICT_AT = (1, 16, 64, 256, 1024)
 CHECK_SEED = 13  # the sample request (2 users x 5 candidates) the segments are exported and checked on
 
-
-@dataclass(frozen=True)
-class Options:
-    """``check_atol``: tolerance of the split-vs-unsplit and append checks (>= 0)."""
-
-    check_atol: float = 1e-5
-
-    def __post_init__(self) -> None:
-        if not self.check_atol >= 0:
-            raise BadInputError(f"extract-kv-cache: check_atol must be >= 0, found {self.check_atol!r}",
-                                "e.g. --option extract-kv-cache.check_atol=1e-5")
 
 
 @dataclass

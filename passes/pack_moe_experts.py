@@ -41,27 +41,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from mixexport.bundle import Bundle
-from mixexport.errors import BadInputError, PreconditionError
+from mixexport.errors import PreconditionError
 from mixexport.passes import PassInfo, PassResult
+from mixexport.passes.options import PackMoeExpertsOptions as Options
 from mixexport.specs import TensorSpec
 
 aten = torch.ops.aten
-FORMS = ("hidden-slice", "stacked")
 ACTIVATIONS = (aten.gelu.default, aten.relu.default, aten.silu.default)
 _MEMBER = re.compile(r"^(?P<list>.+)\.(?P<idx>\d+)$")
-
-
-@dataclass(frozen=True)
-class Options:
-    """``form``: ``hidden-slice`` (default; concatenated hidden dims, gate per hidden slice) or
-    ``stacked`` (``[E, T, ...]`` weights, one batched GEMM over all experts, Mul + ReduceSum)."""
-
-    form: str = "hidden-slice"
-
-    def __post_init__(self) -> None:
-        if self.form not in FORMS:
-            raise BadInputError(f"pack-moe-experts: unknown form {self.form!r}; known forms: {', '.join(FORMS)}",
-                                "e.g. --option pack-moe-experts.form=hidden-slice")
 
 
 @dataclass

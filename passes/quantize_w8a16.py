@@ -1,8 +1,9 @@
 """``quantize-w8a16`` (ONNX stage): int8 weights, activations untouched (W8A16).
 
-Weight loading dominates the small-batch GEMMs of a mixer model (models-spec §3.4), so the weights
-are stored as symmetric int8 plus a scale and dequantized next to the GEMM; activations keep the
-model's compute dtype (fp32 here, fp16/bf16 where a precision pass made them so).
+Weight loading dominates the small-batch GEMMs of a mixer model (at a few hundred rows a GEMM does
+little arithmetic per weight byte it reads), so the weights are stored as symmetric int8 plus a
+scale and dequantized next to the GEMM; activations keep the model's compute dtype (fp32 here,
+fp16/bf16 where a precision pass made them so).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from mixexport.backends.onnxruntime import DEFAULT_OPTIONS
 from mixexport.bundle import Bundle
 from mixexport.errors import BadInputError, PreconditionError
 from mixexport.passes import PassInfo, PassResult
+from mixexport.passes.options import EMBEDDINGS, GRANULARITIES
+from mixexport.passes.options import QuantizeW8A16Options as Options
 
-GRANULARITIES = ("per-token-channel", "per-channel", "per-tensor")
-EMBEDDINGS = ("per-row", "per-column", "float")
 #: Name patterns of the head / towers (``skip_head``): the reference families' ``head.towers.*``.
 HEAD_PATTERNS = ("head.*", "*.head.*", "*tower*")
 #: Float dtypes DequantizeLinear (opset 21) can output: the scale carries the compute dtype.
@@ -36,36 +37,6 @@ QMAX = 127      # symmetric: [-127, 127], so -q is always representable and zero
 #: (mixexport.backends.onnxruntime.DEFAULT_OPTIONS): they disable the QDQ selector/action
 #: transformer (which rewrites 2-D [K,N] / Gemm(transB=0) weights into MatMulNBits) and pin the
 #: MatMulNBits accuracy level to 0 (float activations; ORT's default, 4, would make it W8A8).
-
-
-@dataclass(frozen=True)
-class Options:
-    """Options of ``quantize-w8a16``.
-
-    granularity: scale granularity of MatMul/Gemm weights. ``per-token-channel`` (default): 2-D
-        weights get one scale per output channel, per-token weights ``[T,D,H]`` one per (token,
-        output channel), ``[T,1,H]`` (blocked DequantizeLinear). ``per-channel``: one scale per
-        output channel shared by all tokens, ``[H]``. ``per-tensor``: one scale per weight.
-    skip: shell-style name patterns (fnmatch) of initializers to keep in float; routers by default,
-        since a flipped routing decision breaks parity (models-spec §11.3).
-    skip_head: also keep the head / towers (names matching ``HEAD_PATTERNS``) in float.
-    skip_first / skip_last: keep the first / last MatMul-Gemm weight in graph order in float.
-    embeddings: Gather tables ``[R,E]``: ``per-column`` (default): int8 with one scale per embedding
-        dim, ``[E]``; ``per-row``: one scale per row, ``[R,1]``, gathered with the rows; ``float``:
-        left as they are. Why per-column by default: embeddings are ~12 % of the tiny rankmixer's
-        weights and the issue asks for ≤ 0.27× the fp32 weight bytes, which float tables cannot meet
-        (0.35×), and a float32 scale per 16-wide row adds 25 % to each int8 row (0.274×, measured);
-        per-column stays at 0.267×. Per-row halves the per-row error (0.4 % vs 0.9 % relative on the
-        MovieLens tables) and costs only 4/E of the table: prefer it for E ≥ 64 or when the byte
-        budget allows; the report gives every table's error and bytes either way.
-    """
-
-    granularity: str = "per-token-channel"
-    skip: tuple[str, ...] = ("*router*",)
-    skip_head: bool = False
-    skip_first: bool = False
-    skip_last: bool = False
-    embeddings: str = "per-column"
 
 
 @dataclass(frozen=True)
@@ -120,12 +91,6 @@ def quantize_w8a16(bundle: Bundle, options: Options) -> PassResult:
     matching ``skip`` (routers by default) and the head/first/last when asked; a weight that is also
     read by another kind of node or inside a subgraph, is a graph input/output, or is float64.
     """
-    if options.granularity not in GRANULARITIES:
-        raise BadInputError(f"quantize-w8a16: unknown granularity {options.granularity!r}",
-                            f"choose one of {', '.join(GRANULARITIES)}")
-    if options.embeddings not in EMBEDDINGS:
-        raise BadInputError(f"quantize-w8a16: unknown embeddings mode {options.embeddings!r}",
-                            f"choose one of {', '.join(EMBEDDINGS)}")
     segments, layers, skipped, seg_report = [], [], [], {}
     before: dict[str, int] = {}
     after: dict[str, int] = {}

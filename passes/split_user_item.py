@@ -27,18 +27,18 @@ the embeddings (plain RankMixer tokenization) has nothing to reuse; the error na
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from mixexport.bundle import Bundle, Segment
-from mixexport.errors import BadInputError, PreconditionError
+from mixexport.errors import PreconditionError
 from mixexport.partition import (USER_INDEX, Analysis, SegmentBuilder, analyze, batch_axis, boundary,
                                  check_composition, describe_node, export_segment, gather_rows, rename_batch,
                                  run_program, segment_flops, single_full_segment, tensor_spec)
 from mixexport.passes import PassInfo, PassResult
+from mixexport.passes.options import SplitUserItemOptions as Options
 from mixexport.specs import TensorSpec
 
 MATMUL_TARGETS = {torch.ops.aten.matmul.default, torch.ops.aten.linear.default, torch.ops.aten.mm.default,
@@ -47,18 +47,6 @@ MATMUL_TARGETS = {torch.ops.aten.matmul.default, torch.ops.aten.linear.default, 
 PREDICT_AT = (1, 16, 64, 256, 1024)
 CHECK_SEED = 11  # the sample request (2 users x 5 candidates) the segments are exported and checked on
 
-
-@dataclass(frozen=True)
-class Options:
-    """``check_atol``: largest |difference| allowed between split and unsplit program outputs on
-    the sample request before the pass's postcondition fails the build (>= 0)."""
-
-    check_atol: float = 1e-5
-
-    def __post_init__(self) -> None:
-        if not self.check_atol >= 0:
-            raise BadInputError(f"split-user-item: check_atol must be >= 0, found {self.check_atol!r}",
-                                "e.g. --option split-user-item.check_atol=1e-5")
 
 
 def requires(bundle: Bundle) -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from mixexport.cli.options import data_options, emit_json, json_option, parse_csv_ints, progress, tolerance_options
+from mixexport.cli.options import (data_options, emit_json, json_option, parse_csv_ints, pass_options_option, progress,
+                                   tolerance_options)
 
 #: targets whose engines only run on a GPU: --device defaults to cuda for them
 GPU_TARGETS = ("trt", "trt-rtx")
@@ -37,7 +38,7 @@ def _roles(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--passes", "passes_", default=None, metavar="P1,P2",
               help="Passes to apply (kebab case, see `mixexport passes`); default: the family's defaults.")
 @click.option("--no-passes", is_flag=True, help="Apply no passes.")
-@click.option("--option", "pass_options", multiple=True, metavar="PASS.FIELD=VALUE", help="A pass option (repeatable).")
+@pass_options_option
 @click.option("--out", type=click.Path(), default=None, help="Bundle directory (default: <checkpoint stem>.<target>).")
 @click.option("--force", is_flag=True, help="Replace an existing --out (only once the new bundle is complete).")
 @click.option("--roles", multiple=True, metavar="NAME=ROLE", help="Role of a .pt2 input: user, item or sequence.")

@@ -44,6 +44,21 @@ def data_options(f: F) -> F:
                              "(default: MovieLens-100k for models trained on it).")(f)
 
 
+def pass_options_option(f: F) -> F:
+    """``--option PASS.FIELD=VALUE`` (repeatable), checked while the command line is parsed: a
+    misspelled pass, field or value fails at once, before torch loads (``mixexport.passes.options``
+    imports nothing heavy)."""
+    return click.option("--option", "pass_options", multiple=True, metavar="PASS.FIELD=VALUE",
+                        callback=_check_pass_options, help="A pass option (repeatable).")(f)
+
+
+def _check_pass_options(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from mixexport.passes.options import check_specs
+
+    check_specs(value)  # raises BadInputError: main prints error/hint, exit 2
+    return value
+
+
 def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=_default) + "\n")
 
