@@ -221,7 +221,8 @@ def test_scorer_takes_a_manifest_pin(scorer: Path, bundle_copy_aoti: Path) -> No
     _edit(bundle_copy_aoti, lambda d: d.update(notes=["edited"]))
     with pytest.raises(IntegrityError) as e:
         Runtime.open(bundle_copy_aoti, manifest_sha256=digest)
-    r = subprocess.run([str(scorer), str(bundle_copy_aoti), req, "--manifest-sha256", digest], capture_output=True, text=True)
+    r = subprocess.run([str(scorer), str(bundle_copy_aoti), req, "--manifest-sha256", digest],
+                       capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.splitlines() == [f"error: {e.value.message}"]
 
 
