@@ -326,10 +326,22 @@ def score(case: Case, bundle: Path, checkpoint: Path) -> dict[str, Any]:
     return {"precision": precision, "outputs": [r.to_json() for r in results], "failures": failures}
 
 
-def run_case(case: Case, workdir: str | Path, keep: bool = False) -> dict[str, Any]:
-    """Checkpoint → build (verify included) → score the case's request. Never raises for a failure
-    of the case: the result says ``passed``, the ``stage`` reached and every error; the bundle is
-    deleted unless ``keep`` or the case failed."""
+def build_engines(bundle: Path, backend: str, out: Path) -> dict[str, Any]:
+    """The engines of ``bundle``'s ONNX segments built with ``backend`` (``tensorrt-rtx`` builds
+    without a GPU) into ``out``: per segment its bytes, build seconds and int8 check."""
+    from mixexport.backends import get_backend
+    from mixexport.bundle import read_manifest
+
+    reports = get_backend(backend, "cuda", for_build=True).compile_bundle(read_manifest(bundle), out)
+    return {name: {"bytes": r["bytes"], "seconds": r["seconds"], "int8": (r.get("int8") or {}).get("status")}
+            for name, r in reports.items()}
+
+
+def run_case(case: Case, workdir: str | Path, keep: bool = False, engines: str | None = None) -> dict[str, Any]:
+    """Checkpoint → build (verify included) → [``engines``: build the bundle's segments with that
+    TensorRT backend too] → score the case's request. Never raises for a failure of the case: the
+    result says ``passed``, the ``stage`` reached and every error; the bundle is deleted unless
+    ``keep`` or the case failed."""
     from mixexport.pipeline import BuildOptions, build
 
     work = Path(workdir)
@@ -343,6 +355,10 @@ def run_case(case: Case, workdir: str | Path, keep: bool = False) -> dict[str, A
         stage = "build"
         built = build(ckpt, BuildOptions(out=out, passes=case.passes, bench=False, metrics=False, force=True))
         result["verify_max_rel"] = built.parity["max_rel"]
+        if engines:
+            stage = "engines"
+            result["engines"] = build_engines(out, engines, work / f"engines-{case.seed}")
+            shutil.rmtree(work / f"engines-{case.seed}", ignore_errors=True)
         stage = "score"
         parity = score(case, out, ckpt)
         result["score"] = parity

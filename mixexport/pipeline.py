@@ -73,6 +73,7 @@ class BuildOptions:
     precision: str = "fp32"                    # fp32 | fp16 | bf16: cast at export (mixexport.precision)
     shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # TensorRT profiles per axis
     version_compatible: bool = False           # TensorRT: BuilderFlag.VERSION_COMPATIBLE
+    arch: tuple[str, ...] = ()                 # TensorRT-RTX: compute capabilities to build for
 
 
 @dataclass(frozen=True)
@@ -265,8 +266,9 @@ def _load(checkpoint: str | Path, options: BuildOptions, say: Progress) -> _Plan
 
     if options.target not in TARGETS:
         raise BadInputError(f"unknown --target {options.target!r}; known: {', '.join(TARGETS)}", "e.g. --target onnx")
-    backend = get_backend(TARGETS[options.target], options.device,
-                          settings={"shapes": options.shapes, "version_compatible": options.version_compatible})
+    backend = get_backend(TARGETS[options.target], options.device, for_build=True,
+                          settings={"shapes": options.shapes, "version_compatible": options.version_compatible,
+                                    "arch": options.arch})
     check_out_dir(Path(options.out), options.force)
     check_specs(options.pass_options)  # a misspelled --option fails before the model loads
     say("loading model")
@@ -275,7 +277,7 @@ def _load(checkpoint: str | Path, options: BuildOptions, say: Progress) -> _Plan
     if options.dump_after not in (None, "export", *(p.name for p in passes)):
         raise BadInputError(f"--dump-after {options.dump_after!r}: not a pass of this build",
                             f"choose one of {['export', *(p.name for p in passes)]}")
-    pass_options = parse_pass_options(options.pass_options, passes)
+    pass_options = parse_pass_options(options.pass_options, passes, getattr(backend, "PASS_DEFAULTS", None))
     if getattr(backend, "consumes", "onnx") == "program":  # AOTI compiles the program, not the ONNX
         from mixexport.backends.aoti import refuse_onnx_stage_passes
 
@@ -338,6 +340,9 @@ def _write_segments(plan: _Plan, bundle: Bundle, writer: BundleWriter) -> dict[s
     engines = backend.compile(bundle, writer, plan.say)
     for entry in seg_json:
         entry["engines"] = engines.get(entry["name"], {})
+        report = getattr(backend, "engine_reports", {}).get(entry["name"])
+        if report:  # TensorRT: library, version, archs, profile, seconds, bytes, warnings
+            entry["engine_build"] = report
     np.savez(writer.path("inputs/sample.npz"), **plan.request.to_npz_dict())
     manifest = {
         "schema_version": SCHEMA_VERSION,

@@ -19,6 +19,10 @@ from mixexport.errors import BadInputError
 FORMS = ("hidden-slice", "stacked")
 GRANULARITIES = ("per-token-channel", "per-channel", "per-tensor")
 EMBEDDINGS = ("per-row", "per-column", "float")
+#: How an int8 embedding table is read: ``gather-first`` (ONNX Runtime: gather int8 rows, dequantize
+#: only them) or ``dequantize-first`` (TensorRT: DequantizeLinear straight on the int8 constant, then
+#: Gather — TensorRT refuses any other reader of a quantized constant).
+EMBEDDING_FORMS = ("gather-first", "dequantize-first")
 
 
 def _one_of(pass_name: str, what: str, field: str, value: Any, known: tuple[str, ...]) -> None:
@@ -86,6 +90,11 @@ class QuantizeW8A16Options:
         per-column stays at 0.267×. Per-row halves the per-row error (0.4 % vs 0.9 % relative on the
         MovieLens tables) and costs only 4/E of the table: prefer it for E ≥ 64 or when the byte
         budget allows; the report gives every table's error and bytes either way.
+    embedding_form: ``gather-first`` (default for ONNX Runtime targets): ``Gather(int8 table)`` →
+        ``DequantizeLinear`` on the gathered rows, so only looked-up rows are dequantized;
+        ``dequantize-first`` (the default ``mixexport build`` picks for ``--target trt``/``trt-rtx``):
+        ``DequantizeLinear(int8 table, scale, axis)`` → ``Gather``, the only form in which TensorRT
+        accepts a quantized constant (it keeps the table int8 in the engine).
     """
 
     granularity: str = "per-token-channel"
@@ -94,10 +103,12 @@ class QuantizeW8A16Options:
     skip_first: bool = False
     skip_last: bool = False
     embeddings: str = "per-column"
+    embedding_form: str = "gather-first"
 
     def __post_init__(self) -> None:
         _one_of("quantize-w8a16", "granularity", "granularity", self.granularity, GRANULARITIES)
         _one_of("quantize-w8a16", "embeddings mode", "embeddings", self.embeddings, EMBEDDINGS)
+        _one_of("quantize-w8a16", "embedding_form", "embedding_form", self.embedding_form, EMBEDDING_FORMS)
         if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
             raise BadInputError(f"quantize-w8a16: skip must be a tuple of name patterns, found {self.skip!r}",
                                 "e.g. --option quantize-w8a16.skip='*router*,head.*'")

@@ -80,10 +80,12 @@ def quantize_w8a16(bundle: Bundle, options: Options) -> PassResult:
     - ``MatMul`` with a per-token float initializer ``[T,D,H]`` (any rank ≥ 3, leading dims are
       batch): per-(token, channel) scale ``[T,1,H]`` as a blocked ``DequantizeLinear(axis=1,
       block_size=D)`` (opset 21); ``per-channel``: scale ``[H]``, ``axis=2``; ``per-tensor``: scalar.
-    - ``Gather(axis=0)`` on a float table ``[R,E]``: the int8 rows are gathered, then dequantized —
-      ``per-column``: ``DequantizeLinear(rows, scale[E], axis=-1)``; ``per-row``: the scales
-      ``[R,1]`` are gathered too, ``DequantizeLinear(rows, row_scales, axis=-1, block_size=E)``.
-      Gathering first means only the looked-up rows are dequantized, never the whole table.
+    - ``Gather(axis=0)`` on a float table ``[R,E]``, ``embedding_form=gather-first``: the int8 rows
+      are gathered, then dequantized — ``per-column``: ``DequantizeLinear(rows, scale[E],
+      axis=-1)``; ``per-row``: the scales ``[R,1]`` are gathered too, ``DequantizeLinear(rows,
+      row_scales, axis=-1, block_size=E)``. Only the looked-up rows are dequantized.
+      ``dequantize-first``: ``DequantizeLinear(int8 [R,E], scale[E], axis=1)`` (per-row:
+      ``scale[R], axis=0``) → ``Gather``: the pattern TensorRT takes.
     - The DequantizeLinear output keeps the weight's name and feeds the MatMul/Gemm directly (no
       Cast/Reshape/Transpose between); no zero point; the scale has the weight's float dtype.
 
@@ -109,6 +111,7 @@ def quantize_w8a16(bundle: Bundle, options: Options) -> PassResult:
     tb, ta = sum(before.values()), sum(after.values())
     report = {
         "granularity": options.granularity, "embeddings": options.embeddings,
+        "embedding_form": options.embedding_form,
         "weight_bytes": {"before": {"total": tb, **before}, "after": {"total": ta, **after},
                          "ratio": ta / tb if tb else 1.0},
         "error_by_granularity": _error_summary(layers),
@@ -282,13 +285,16 @@ def _unique(name: str, taken: set[str]) -> str:
     return out
 
 
-def _quantize_weight(arr: np.ndarray, w: _Weight, gran: str, dtype: type
+def _quantize_weight(arr: np.ndarray, w: _Weight, gran: str, dtype: type, form: str = "gather-first"
                      ) -> tuple[np.ndarray, np.ndarray, dict[str, int], np.ndarray]:
     """(int8 values, scale as stored, DequantizeLinear attributes, scale with the weight's rank)."""
     rank = arr.ndim
     reduce, attrs = _layout(w.kind, w.trans_b, rank, gran)
     q, scale_kd = quantize_array(arr, reduce, dtype)
-    if w.kind == "embedding" and gran == "per-column":
+    if w.kind == "embedding" and form == "dequantize-first":  # per-axis on the table itself
+        attrs = {"axis": 0 if gran == "per-row" else 1}
+        scale = scale_kd.reshape(-1)
+    elif w.kind == "embedding" and gran == "per-column":
         scale = scale_kd.reshape(-1)  # per-axis on the gathered rows' last dim: nothing to gather
     elif len(reduce) == 1 and (rank > 2 or w.kind == "embedding"):
         attrs["block_size"] = arr.shape[reduce[0]]  # blocked: the scale keeps the weight's rank
@@ -336,11 +342,20 @@ def _quantize_model(model: onnx.ModelProto, options: Options, segment: str, befo
         dtype = FLOAT_TYPES[t.data_type]
         arr = numpy_helper.to_array(t)
         gran = options.embeddings if w.kind == "embedding" else options.granularity
-        q, scale, attrs, scale_kd = _quantize_weight(arr, w, gran, dtype)
+        q, scale, attrs, scale_kd = _quantize_weight(arr, w, gran, dtype, options.embedding_form)
         rel, max_abs = _errors(arr, q, scale_kd)
         q_name, s_name = _unique(f"{w.name}.int8", taken), _unique(f"{w.name}.scale", taken)
         g.initializer.extend([numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name)])
-        if w.kind == "embedding":
+        if w.kind == "embedding" and options.embedding_form == "dequantize-first":
+            deq = _unique(f"{w.name}.dequantized", taken)  # one DequantizeLinear, read by every Gather
+            before_node.setdefault(w.consumers[0], []).append(helper.make_node(
+                "DequantizeLinear", [q_name, s_name], [deq], _unique(f"{w.name}_DequantizeLinear", taken), **attrs))
+            for i in w.consumers:
+                node = onnx.NodeProto()
+                node.CopyFrom(g.node[i])
+                node.input[0] = deq
+                replace[i] = [node]
+        elif w.kind == "embedding":
             for i in w.consumers:
                 replace[i] = _gather_nodes(g.node[i], q_name, s_name, gran == "per-row", attrs, taken)
         else:  # one DequantizeLinear, named like the weight, so its readers are unchanged

@@ -42,6 +42,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--shrink-runs", type=int, default=30, help="most builds spent shrinking one failure")
     ap.add_argument("--jobs", type=int, default=1,
                     help="cases run at once in worker processes (a build is mostly single-threaded tracing)")
+    ap.add_argument("--engines", default=None, metavar="BACKEND",
+                    help="also build every case's segments with this TensorRT backend (tensorrt-rtx: no GPU needed)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where checkpoints and failing bundles go (default: a temporary directory)")
     return ap.parse_args()
@@ -73,7 +75,7 @@ def _print_summary(summary: dict[str, Any], seconds: float, shrunk: list[dict[st
 
 
 def _run_all(cases: list[Case], work: Path, jobs: int, budget: float | None,
-             t0: float) -> Iterator[tuple[int, Case, dict[str, Any]]]:
+             t0: float, engines: str | None = None) -> Iterator[tuple[int, Case, dict[str, Any]]]:
     """(index, case, result) as cases finish, ``jobs`` at a time; none starts after ``budget`` s."""
     def over() -> bool:
         return budget is not None and time.perf_counter() - t0 > budget
@@ -83,14 +85,14 @@ def _run_all(cases: list[Case], work: Path, jobs: int, budget: float | None,
             if over():
                 print(f"time budget reached after {i} cases", file=sys.stderr)
                 return
-            yield i, case, run_case(case, work)
+            yield i, case, run_case(case, work, engines=engines)
         return
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending: dict[Future, int] = {}
         nxt = 0
         while nxt < len(cases) or pending:
             while nxt < len(cases) and len(pending) < jobs and not over():
-                pending[pool.submit(run_case, cases[nxt], work)] = nxt
+                pending[pool.submit(run_case, cases[nxt], work, False, engines)] = nxt
                 nxt += 1
             if not pending:
                 print(f"time budget reached after {nxt} cases", file=sys.stderr)
@@ -111,7 +113,7 @@ def main() -> int:
     shrunk: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     try:
-        for i, case, result in _run_all(cases, work, args.jobs, args.budget, t0):
+        for i, case, result in _run_all(cases, work, args.jobs, args.budget, t0, args.engines):
             result["index"] = args.start + i
             results.append(result)
             status = "ok" if result["passed"] else "FAIL"

@@ -29,6 +29,7 @@ from mixexport.fuzz import (COMBOS, KV, PACK, QUANT, QUANT_MIN_WIDTH, Case, Choo
                             generate_cases, make_case, replay, run_case)
 from mixexport.models import create_model
 from mixexport.models.common import random_feeds
+from tests.trt_rtx import require_trt_rtx, trt_rtx_reason
 
 CI_SEED = 0
 CI_FORCED = {"layers": 0}  # one layer: build time is mostly per-graph overhead, not model size
@@ -71,8 +72,10 @@ def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         if callspec is not None and "results" in getattr(item, "fixturenames", ()):
             wanted[callspec.id] = callspec.params["case"]
     work = tmp_path_factory.mktemp("fuzz")
+    engines = None if trt_rtx_reason() else "tensorrt-rtx"  # each case's segments also built by TensorRT-RTX
     with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield {cid: pool.submit(run_case, case, work / f"case-{n}") for n, (cid, case) in enumerate(wanted.items())}
+        yield {cid: pool.submit(run_case, case, work / f"case-{n}", False, engines)
+               for n, (cid, case) in enumerate(wanted.items())}
 
 
 def _param(case: Case) -> Any:
@@ -94,6 +97,7 @@ def test_fuzz_case(case: Case, results: dict[str, Future], request: pytest.Fixtu
     result = results[request.node.callspec.id].result()
     assert result["passed"], _failure_text(case, result)
     assert result["stage"] == "done"
+    _check_engines(result)
     outputs = result["score"]["outputs"]
     assert outputs and all(o["shape"] == [case.candidates, case.config["tasks"]] for o in outputs)
 
@@ -180,6 +184,14 @@ def test_regression_case(case: Case, results: dict[str, Future], request: pytest
     """The smallest configs that once failed now build, verify and score like any other case."""
     result = results[request.node.callspec.id].result()
     assert result["passed"], _failure_text(case, result)
+    _check_engines(result)
+
+
+def _check_engines(result: dict[str, Any]) -> None:
+    """With TensorRT-RTX installed (always in CI), every segment of the case built an engine."""
+    require_trt_rtx()
+    assert result["engines"] and all(e["bytes"] > 0 for e in result["engines"].values()), result["engines"]
+    assert all(e["int8"] in (None, "PASS", "inconclusive") for e in result["engines"].values())
 
 
 def test_request_modes(tmp_path: Path) -> None:

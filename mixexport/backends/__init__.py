@@ -15,8 +15,9 @@ BACKENDS = {"onnxruntime": OnnxRuntimeBackend, "aoti": AotiBackend, "tensorrt": 
 
 
 def get_backend(name: str, device: str = "cpu", require: bool = True,
-                settings: Mapping[str, Any] | None = None):  # noqa: ANN201 - a Backend
-    """The backend ``name`` on ``device``; with ``require``, raise (exit 3) if it cannot run here.
+                settings: Mapping[str, Any] | None = None, for_build: bool = False):  # noqa: ANN201 - a Backend
+    """The backend ``name`` on ``device``; with ``require``, raise (exit 3) if it cannot run here
+    (``for_build``: if it cannot *build* here — TensorRT-RTX builds engines without a GPU).
 
     ``settings`` are build options by field name (``shapes``, ``version_compatible``); a backend
     takes those listed in its ``BUILD_SETTINGS``, and a set (truthy) one it does not take is a usage
@@ -32,7 +33,8 @@ def get_backend(name: str, device: str = "cpu", require: bool = True,
         raise BadInputError(f"{', '.join('--' + k.replace('_', '-') for k in refused)} does not apply to "
                             f"backend {name}", "drop the option, or pick a target that uses it")
     backend = cls(device=device, **given)
-    reason = backend.unavailable_reason() if require else None
+    check = getattr(backend, "build_unavailable_reason", None) if for_build else None
+    reason = (check or backend.unavailable_reason)() if require else None
     if reason:
         raise EnvironmentUnavailableError(reason)
     return backend

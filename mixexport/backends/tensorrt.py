@@ -1,117 +1,81 @@
 """TensorRT backends (``--target trt``: module ``tensorrt`` >= 10; ``--target trt-rtx``: TensorRT for
-RTX, module ``tensorrt_rtx_bindings``). Both expose the same Builder / OnnxParser / BuilderConfig /
+RTX, module ``tensorrt_rtx``). Both expose the same Builder / OnnxParser / BuilderConfig /
 optimization-profile API, so one code path serves both; the module is imported lazily (never at
-import of this file), and without it — or without a CUDA GPU — the backend is unavailable (exit 3).
+import of this file).
 
-Build (one engine per segment, from the bundle's ONNX):
+Building and running are separate questions:
 
-- **strongly typed** networks: precision comes from the ONNX graph (``--precision``, int8 weights
-  of ``quantize-w8a16``), never from builder flags;
-- one **optimization profile** per engine on the symbolic axes of the manifest's input specs, with
-  (min, opt, max) per axis name from :data:`DEFAULT_PROFILE` — rows ``batch`` and ``candidates``
-  1 / 256 / 4096 (256 is the middle of the N range the latency report covers; 4096 bounds the
-  activation memory TensorRT reserves), ``users`` 1 / 1 / 256 (serving is 1 user × N), ``seq``
-  1 / 128 / 1024 — overridable with ``mixexport build --shapes NAME:MIN,OPT,MAX`` (repeatable);
-- a **timing cache** file reused across builds: ``$MIXEXPORT_TIMING_CACHE`` if set, else
-  ``~/.cache/mixexport/<backend>-<version>-<arch>.timing-cache`` (``$XDG_CACHE_HOME`` respected);
-- ``--version-compatible`` sets ``BuilderFlag.VERSION_COMPATIBLE`` (the runtime then allows the
-  engine's embedded lean runtime);
-- engines land at ``engines/<segment>.<backend>.<arch>.plan`` with the GPU's ``sm<major><minor>``.
+- **TensorRT-RTX builds without a GPU**: its ahead-of-time phase is CPU-only, for the compute
+  capabilities it is told (``--arch sm80,sm86``; default :data:`RTX_DEFAULT_ARCHS`, the ones
+  TensorRT-RTX 1.7 targets by default). No timing cache (one makes it query for a GPU). Running
+  its engines needs a GPU of one of those capabilities (not compute capability 9.0: H100/H200).
+- **TensorRT** (>= 10) builds for the GPU it runs on, so it needs one to build; it reuses a timing
+  cache file: ``$MIXEXPORT_TIMING_CACHE`` if set, else
+  ``~/.cache/mixexport/<backend>-<version>-<arch>.timing-cache`` (``$XDG_CACHE_HOME`` respected).
+
+Build (one engine per segment, from the bundle's ONNX, :func:`.trt_build.build_engine`): strongly
+typed networks (precision from the graph), the parsed network's I/O checked against the manifest,
+one optimization profile per engine derived per axis from what the model declares
+(:mod:`.trt_profiles`; ``--shapes NAME:MIN,OPT,MAX``), ``--version-compatible`` for TensorRT.
+Engines land at ``engines/<segment>.<backend>.<arch>.plan`` (``arch``: the GPU's ``sm<major><minor>``
+for TensorRT, the ``-``-joined target list for TensorRT-RTX); each segment's manifest entry records
+the library and version, the compute capabilities, the profile, the build time, the engine's bytes
+and the builder's warnings. For W8A16 bundles every int8 segment is also built from its
+dequantized float twin, and the int8 engine must be smaller by about what int8 storage saves.
 
 Run: :class:`TrtSession` uses torch CUDA tensors as device buffers (``set_tensor_address``,
 ``execute_async_v3`` on a private stream); one execution context per session, runs serialized.
-
-Verification status: the library-free parts (profiles, ``--shapes``, names, manifest entries, the
-exit-3 path) are unit-tested; building and running engines has not been run on this project's CI
-(no TensorRT, no GPU there). The API names used were checked against the tensorrt-rtx-cu13-bindings
-1.7.1 wheel; ``scripts/gpu_check.py`` parses and builds every segment with TensorRT-RTX on an H100.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import re
+import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 from mixexport.backends.base import SessionBase
+from mixexport.backends.trt_build import (EngineBuild, build_engine, dequantized_twin, int8_engine_check,
+                                          require_int8_engines)
+from mixexport.backends.trt_profiles import (DEFAULT_PROFILE, Profile, axis_profile, check_shapes_apply,
+                                             derive_profile, parse_shapes, resolve_axes)
 from mixexport.bundle import Bundle, BundleWriter, Manifest, SegmentEntry
 from mixexport.errors import BadInputError, EnvironmentUnavailableError
 from mixexport.specs import TensorSpec
 
-Profile = tuple[int, int, int]
-#: (min, opt, max) per symbolic axis name; see the module docstring for why these values.
-DEFAULT_PROFILE: dict[str, Profile] = {
-    "batch": (1, 256, 4096),
-    "candidates": (1, 256, 4096),
-    "users": (1, 1, 256),
-    "seq": (1, 128, 1024),
-}
-_SHAPE_RE = re.compile(r"^(?P<name>[A-Za-z_]\w*):(?P<values>[^:]+)$")
+__all__ = ["DEFAULT_PROFILE", "RTX_DEFAULT_ARCHS", "EngineBuild", "Profile", "TensorRTBackend",
+           "TensorRTRtxBackend", "axis_profile", "build_engine", "check_shapes_apply", "derive_profile",
+           "engine_entries", "engine_path", "parse_arch", "parse_shapes", "resolve_axes", "timing_cache_path"]
+
+#: What TensorRT-RTX 1.7 builds for when no compute capability is set (set explicitly, so that the
+#: manifest says what the engine holds).
+RTX_DEFAULT_ARCHS = ("sm80", "sm86", "sm89", "sm120")
+_ARCH_RE = re.compile(r"^(?:sm_?)?(\d{1,2})\.?(\d)$")
 
 
-def parse_shapes(specs: Iterable[str]) -> dict[str, Profile]:
-    """``--shapes NAME:MIN,OPT,MAX`` (repeatable) → {axis: (min, opt, max)}.
-
-    Raises :class:`BadInputError` for a malformed value, a non-positive size, MIN <= OPT <= MAX not
-    holding, or an axis given twice.
-    """
-    out: dict[str, Profile] = {}
-    for spec in specs:
-        m = _SHAPE_RE.match(spec.strip())
-        values = m.group("values").split(",") if m else []
-        try:
-            nums = tuple(int(v) for v in values)
-        except ValueError:
-            nums = ()
-        if not m or len(nums) != 3:
-            raise BadInputError(f"--shapes {spec!r}: expected NAME:MIN,OPT,MAX with three integers",
-                                "e.g. --shapes candidates:1,256,4096")
-        name = m.group("name")
-        lo, opt, hi = nums
-        if lo < 1:
-            raise BadInputError(f"--shapes {spec!r}: sizes must be >= 1", "e.g. --shapes candidates:1,256,4096")
-        if not lo <= opt <= hi:
-            raise BadInputError(f"--shapes {spec!r}: need MIN <= OPT <= MAX, found {lo}, {opt}, {hi}",
-                                "e.g. --shapes candidates:1,256,4096")
-        if name in out:
-            raise BadInputError(f"--shapes gives axis {name!r} twice", "give each axis once")
-        out[name] = (lo, opt, hi)
-    return out
-
-
-def axis_profile(name: str, shapes: Mapping[str, Profile]) -> Profile:
-    """The (min, opt, max) of one symbolic axis: ``--shapes`` first, then the defaults."""
-    if name in shapes:
-        return shapes[name]
-    if name in DEFAULT_PROFILE:
-        return DEFAULT_PROFILE[name]
-    raise BadInputError(f"symbolic axis {name!r} has no default optimization profile",
-                        f"give it one: --shapes {name}:MIN,OPT,MAX")
-
-
-def derive_profile(inputs: Sequence[TensorSpec], shapes: Mapping[str, Profile]
-                   ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """Per input: the (min, opt, max) shapes of one optimization profile. Static dims stay fixed;
-    every symbolic dim takes its axis' profile, so inputs sharing an axis agree."""
-    out = {}
-    for spec in inputs:
-        dims = [(d, d, d) if isinstance(d, int) else axis_profile(d, shapes) for d in spec.shape]
-        out[spec.name] = tuple(tuple(int(d[i]) for d in dims) for i in range(3))
-    return out  # type: ignore[return-value]
-
-
-def check_shapes_apply(shapes: Mapping[str, Profile], segments: Iterable[Any]) -> None:
-    """Every ``--shapes`` axis must be a symbolic axis of some segment input (catches typos)."""
-    axes = {d for seg in segments for s in seg.inputs for d in s.shape if isinstance(d, str)}
-    unknown = sorted(set(shapes) - axes)
-    if unknown:
-        raise BadInputError(f"--shapes names axes {unknown} that no segment input has; the bundle's "
-                            f"symbolic axes are {sorted(axes)}", "use one of those names")
+def parse_arch(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``--arch sm80,sm86`` (also ``8.6``, ``86``, ``sm_86``) → ``("sm80", "sm86")``, in the order given."""
+    items = value.split(",") if isinstance(value, str) else list(value or ())
+    out: list[str] = []
+    for item in (i.strip().lower() for i in items):
+        if not item:
+            continue
+        m = _ARCH_RE.match(item)
+        if not m:
+            raise BadInputError(f"--arch {item!r}: expected a compute capability like sm86 or 8.6",
+                                "e.g. --arch sm80,sm86,sm89,sm120")
+        arch = f"sm{m.group(1)}{m.group(2)}"
+        if arch in out:
+            raise BadInputError(f"--arch gives {arch} twice", "list each compute capability once")
+        out.append(arch)
+    return tuple(out)
 
 
 def engine_path(segment: str, backend: str, arch: str) -> str:
@@ -207,9 +171,17 @@ class TrtSession(SessionBase):
         # int64 outputs may run as int32 inside the engine; bf16 stays float32 (numpy has no bf16)
         return arr.astype(want) if want and want != "bfloat16" and arr.dtype != np.dtype(want) else arr
 
+    def close(self) -> None:
+        """Release the execution context, engine, runtime and stream (in that order: a context
+        must go before its engine, the engine before its runtime)."""
+        with self.lock:
+            for attr in ("context", "engine", "runtime", "stream"):
+                if getattr(self, attr, None) is not None:
+                    setattr(self, attr, None)
+
 
 class TensorRTBackend:
-    """``--target trt``: TensorRT >= 10 engines per segment, run on the current CUDA GPU."""
+    """``--target trt``: TensorRT >= 10 engines per segment, built and run on the current CUDA GPU."""
 
     name = "tensorrt"
     label = "TensorRT"
@@ -217,17 +189,28 @@ class TensorRTBackend:
     extra = "trt"
     min_major = 10
     consumes = "onnx"
-    #: BuildOptions fields this backend accepts (mixexport build --shapes / --version-compatible)
-    BUILD_SETTINGS = ("shapes", "version_compatible")
+    #: TensorRT proper builds for the GPU it runs on; TensorRT-RTX builds ahead of time on a CPU
+    builds_without_gpu = False
+    #: BuildOptions fields this backend accepts (mixexport build --shapes / --version-compatible / --arch)
+    BUILD_SETTINGS = ("shapes", "version_compatible", "arch")
+    #: pass options a build for this backend uses unless the user sets them (--option)
+    PASS_DEFAULTS = {"quantize-w8a16": {"embedding_form": "dequantize-first"}}
 
     def __init__(self, device: str = "cuda", shapes: Mapping[str, Profile] | None = None,
-                 version_compatible: bool = False) -> None:
+                 version_compatible: bool = False, arch: Iterable[str] = ()) -> None:
         if device != "cuda":
             raise BadInputError(f"{self.label} engines run on CUDA GPUs only, not on {device}",
                                 "pass --device cuda")
         self.device = device
         self.shapes = dict(shapes or {})
         self.version_compatible = bool(version_compatible)
+        self.arch = parse_arch(arch)
+        if self.arch and not self.builds_without_gpu:
+            raise BadInputError(f"--arch: {self.label} builds for the GPU it runs on",
+                                "drop --arch, or use --target trt-rtx to build for other GPUs")
+        if self.version_compatible and self.builds_without_gpu:
+            raise BadInputError(f"--version-compatible is not supported by {self.label}", "drop --version-compatible")
+        self.engine_reports: dict[str, dict[str, Any]] = {}
 
     def _import(self) -> tuple[Any, str]:
         errors = []
@@ -238,14 +221,14 @@ class TensorRTBackend:
                 errors.append(f"{module}: {type(e).__name__}")
         return None, "; ".join(errors)
 
-    def module(self) -> Any:
-        """The imported library; raises (exit 3) when unavailable."""
-        reason = self.unavailable_reason()
+    def module(self, build: bool = False) -> Any:
+        """The imported library; raises (exit 3) when it cannot build (``build``) or run here."""
+        reason = self.build_unavailable_reason() if build else self.unavailable_reason()
         if reason:
             raise EnvironmentUnavailableError(reason)
         return self._import()[0]
 
-    def unavailable_reason(self) -> str | None:
+    def _library_reason(self) -> str | None:
         trt, why = self._import()
         install = f'pip install "mixexport[{self.extra}]"'
         if trt is None:
@@ -253,6 +236,9 @@ class TensorRTBackend:
         version = str(getattr(trt, "__version__", "0"))
         if int(re.match(r"\d*", version).group() or 0) < self.min_major:
             return f"{self.label} >= {self.min_major} is needed, found {version}: {install}"
+        return None
+
+    def _gpu_reason(self) -> str | None:
         try:
             import torch
         except ImportError:
@@ -261,27 +247,99 @@ class TensorRTBackend:
             return f"{self.label} needs a CUDA GPU and none is visible here (torch.cuda.is_available() is False)"
         return None
 
+    def build_unavailable_reason(self) -> str | None:
+        """None when engines can be built here (TensorRT-RTX: the library; TensorRT: and a GPU)."""
+        return self._library_reason() or (None if self.builds_without_gpu else self._gpu_reason())
+
+    def unavailable_reason(self) -> str | None:
+        """None when engines can run here: the library and a CUDA GPU."""
+        return self._library_reason() or self._gpu_reason()
+
+    def engines_unavailable_reason(self, manifest: Manifest) -> str | None:
+        """None when this machine can execute the bundle's engines; else why not, naming the
+        compute capabilities they were built for."""
+        archs = sorted({a for seg in manifest.segments for a in (seg.session_options or {}).get("archs") or []},
+                       key=lambda a: int(a[2:]) if a[2:].isdigit() else 0)
+        built = ",".join(archs) or "an unrecorded GPU"
+        reason = self.unavailable_reason()
+        if reason is None:
+            here = gpu_arch()
+            if archs and here not in archs:
+                reason = f"this GPU is {here}"
+        return None if reason is None else f"engines built for {built}, not executed here: no compatible GPU ({reason})"
+
+    def target_archs(self) -> tuple[str, ...]:
+        return (gpu_arch(),)
+
     def session_options(self) -> dict[str, Any]:
         return {"device": "cuda", "strongly_typed": True, "version_compatible": self.version_compatible,
+                "archs": list(self.arch) if self.arch else None,
                 "profile": {k: list(v) for k, v in {**DEFAULT_PROFILE, **self.shapes}.items()}}
 
     def compile(self, bundle: Bundle, writer: BundleWriter, progress: Any) -> dict[str, dict[str, str]]:
-        """Parse each segment's ONNX (as written in the bundle) and build its engine."""
-        trt = self.module()
-        check_shapes_apply(self.shapes, bundle.segments)
-        arch = gpu_arch()
-        cache_file = timing_cache_path(self.name, str(trt.__version__), arch)
-        cache = cache_file.read_bytes() if cache_file.is_file() else b""
-        entries = engine_entries([s.name for s in bundle.segments], self.name, arch)
-        for seg in bundle.segments:
-            progress(f"{self.label}: building the engine of segment {seg.name} for {arch}")
-            plan, cache = build_engine(trt, writer.tmp / f"segments/{seg.name}.onnx", seg.inputs,
-                                       self.shapes, cache, self.version_compatible, self.label)
-            writer.path(entries[seg.name][self.name]).write_bytes(plan)
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
-        tmp.write_bytes(cache)
-        os.replace(tmp, cache_file)  # atomic: concurrent builds never read half a cache
+        """Parse each segment's ONNX (as written in the bundle) and build its engine; W8A16 segments
+        are weighed against their float twin's engine. Details per segment: :attr:`engine_reports`."""
+        jobs = [_Job(seg.name, writer.tmp / f"segments/{seg.name}.onnx", seg.onnx, seg.inputs, seg.outputs,
+                     _int8_saving([dataclasses.asdict(p) for p in bundle.passes], seg.name))
+                for seg in bundle.segments]
+        return self._build(jobs, bundle.source.multiples, bundle.source.minimums,
+                           lambda rel, plan: writer.path(rel).write_bytes(plan), progress)
+
+    def compile_bundle(self, manifest: Manifest, out: Path, progress: Any = lambda _m: None
+                       ) -> dict[str, dict[str, Any]]:
+        """Build the engines of an existing bundle's ONNX segments into ``out`` (not into the bundle):
+        the check a CI runs on bundles built for other targets. Returns :attr:`engine_reports`."""
+        import onnx
+
+        model = manifest.data["model"]
+        jobs = [_Job(seg.name, manifest.file(seg.file), onnx.load(manifest.file(seg.file)), seg.inputs, seg.outputs,
+                     _int8_saving(manifest.data.get("passes", []), seg.name)) for seg in manifest.segments]
+
+        def write(rel: str, plan: bytes) -> None:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(plan)
+
+        self._build(jobs, model.get("multiples") or {}, model.get("minimums") or {}, write, progress)
+        return self.engine_reports
+
+    def _build(self, jobs: list[_Job], multiples: Mapping[str, Any], minimums: Mapping[str, int],
+               write: Callable[[str, bytes], None], progress: Any) -> dict[str, dict[str, str]]:
+        trt = self.module(build=True)
+        check_shapes_apply(self.shapes, jobs, multiples)
+        archs = self.target_archs()
+        version = str(trt.__version__)
+        cache_file = None if self.builds_without_gpu else timing_cache_path(self.name, version, archs[0])
+        cache = (cache_file.read_bytes() if cache_file.is_file() else b"") if cache_file else None
+        entries = engine_entries([j.name for j in jobs], self.name, "-".join(archs))
+        common = {"label": self.label, "version_compatible": self.version_compatible,
+                  "archs": archs if self.builds_without_gpu else (), "multiples": multiples, "minimums": minimums}
+        int8_checks: dict[str, dict[str, Any]] = {}
+        for job in jobs:
+            progress(f"{self.label}: building the engine of segment {job.name} for {','.join(archs)}")
+            built = build_engine(trt, job.path, job.inputs, job.outputs, self.shapes, timing_cache=cache, **common)
+            cache = built.timing_cache
+            write(entries[job.name][self.name], built.plan)
+            report = {"library": self.label, "version": version, **built.report, "archs": list(archs)}
+            twin, count = dequantized_twin(job.model)
+            if count:
+                progress(f"{self.label}: building segment {job.name}'s float twin (int8 weights check)")
+                from mixexport.export import save_onnx
+
+                with tempfile.TemporaryDirectory(prefix="mixexport-twin-") as tmp:
+                    path = Path(tmp) / f"{job.name}.onnx"
+                    save_onnx(twin, path)
+                    ref = build_engine(trt, path, job.inputs, job.outputs, self.shapes, timing_cache=cache,
+                                       check_io=False, **common)
+                    cache = ref.timing_cache
+                report["int8"] = int8_checks[job.name] = int8_engine_check(len(built.plan), len(ref.plan),
+                                                                           job.int8_saving)
+            self.engine_reports[job.name] = report
+        if cache_file is not None and cache is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp_file = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+            tmp_file.write_bytes(cache)
+            os.replace(tmp_file, cache_file)  # atomic: concurrent builds never read half a cache
+        require_int8_engines(int8_checks, self.label)
         return entries
 
     def prepare(self, manifest: Manifest, segment: SegmentEntry, workdir: Path | None = None) -> TrtSession:
@@ -291,9 +349,10 @@ class TensorRTBackend:
                                 f"{manifest.data.get('target')!r})", "rebuild with the matching --target")
         trt = self.module()
         here = gpu_arch()
-        if not rel.endswith(f".{here}.plan"):
-            raise EnvironmentUnavailableError(f"{rel} was built for another GPU architecture than this one ({here})",
-                                              "rebuild the bundle on this GPU")
+        archs = (segment.session_options or {}).get("archs") or [rel.rsplit(".", 2)[-2]]
+        if here not in archs:
+            raise EnvironmentUnavailableError(f"{rel} was built for {','.join(archs)}, not for this GPU ({here})",
+                                              "rebuild the bundle for this GPU (--arch with trt-rtx)")
         host_code = bool(segment.session_options.get("version_compatible"))
         return TrtSession(trt, manifest.file(rel).read_bytes(), segment, self.label, host_code)
 
@@ -304,52 +363,37 @@ class TensorRTBackend:
 
 
 class TensorRTRtxBackend(TensorRTBackend):
-    """``--target trt-rtx``: TensorRT for RTX (same API; runs on compute capability 8.0, 8.6, 8.9 and
-    12.x — on an H100 it parses and builds but refuses to run)."""
+    """``--target trt-rtx``: TensorRT for RTX. Builds without a GPU for the compute capabilities it is
+    given; runs on 8.0, 8.6, 8.9 and 12.x (on an H100/H200, compute capability 9.0, it refuses)."""
 
     name = "tensorrt-rtx"
     label = "TensorRT-RTX"
-    modules = ("tensorrt_rtx_bindings", "tensorrt_rtx")
+    modules = ("tensorrt_rtx", "tensorrt_rtx_bindings")
     extra = "trt-rtx"
     min_major = 1
+    builds_without_gpu = True
+
+    def target_archs(self) -> tuple[str, ...]:
+        return self.arch or RTX_DEFAULT_ARCHS
+
+    def session_options(self) -> dict[str, Any]:
+        return {**super().session_options(), "archs": list(self.target_archs())}
 
 
-def build_engine(trt: Any, onnx_path: Path, inputs: Sequence[TensorSpec], shapes: Mapping[str, Profile],
-                 timing_cache: bytes, version_compatible: bool, label: str) -> tuple[bytes, bytes]:
-    """Parse ``onnx_path`` (external data beside it is found by the parser) into a strongly typed
-    network, add one optimization profile from ``inputs``' specs, and build.
+@dataclass(frozen=True)
+class _Job:
+    """One engine to build: a segment's ONNX file (and its proto, for the float twin) and specs."""
 
-    Returns the serialized plan and the updated timing cache.
-    """
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    network = builder.create_network(0 if strongly is None else 1 << int(strongly))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or ["no parser message"]
-        raise BadInputError(f"{label} cannot parse {onnx_path.name}: {errors[0]}"
-                            + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
-                            "the graph uses an operator or pattern this parser does not support")
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    wanted = derive_profile(inputs, shapes)
-    for i in range(network.num_inputs):
-        name = network.get_input(i).name
-        if name not in wanted:
-            raise BadInputError(f"network input {name!r} of {onnx_path.name} is not in the manifest's specs",
-                                "rebuild the bundle")
-        profile.set_shape(name, *wanted[name])
-    config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_cache)
-    config.set_timing_cache(cache, False)  # False: a cache from another version/GPU is an error
-    if version_compatible:
-        flag = getattr(trt.BuilderFlag, "VERSION_COMPATIBLE", None)
-        if flag is None:
-            raise BadInputError(f"--version-compatible is not supported by {label}", "drop --version-compatible")
-        config.set_flag(flag)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise BadInputError(f"{label} could not build an engine from {onnx_path.name} (see its log above)",
-                            "check the optimization profile (--shapes) and the graph's ops")
-    return bytes(plan), bytes(config.get_timing_cache().serialize())
+    name: str
+    path: Path
+    model: Any
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    int8_saving: int
+
+
+def _int8_saving(passes: Iterable[Mapping[str, Any]], segment: str) -> int:
+    """Bytes the int8 weights of ``segment`` save in the ONNX file (quantize-w8a16's report)."""
+    record = next((p for p in passes if p.get("name") == "quantize-w8a16"), None)
+    layers = ((record or {}).get("report") or {}).get("layers") or []
+    return sum(x["bytes_before"] - x["bytes_after"] for x in layers if x.get("segment") == segment)

@@ -35,6 +35,9 @@ def _roles(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--shapes", multiple=True, metavar="NAME:MIN,OPT,MAX",
               help="TensorRT optimization profile of a symbolic axis (batch, users, candidates…; repeatable).")
 @click.option("--version-compatible", is_flag=True, help="TensorRT: build version-compatible engines.")
+@click.option("--arch", default=None, metavar="SM,SM",
+              help="TensorRT-RTX: compute capabilities to build engines for, e.g. sm86,sm120 "
+                   "[default: sm80,sm86,sm89,sm120]. Building needs no GPU.")
 @click.option("--passes", "passes_", default=None, metavar="P1,P2",
               help="Passes to apply (kebab case, see `mixexport passes`); default: the family's defaults.")
 @click.option("--no-passes", is_flag=True, help="Apply no passes.")
@@ -51,12 +54,12 @@ def _roles(values: tuple[str, ...]) -> dict[str, str]:
 @json_option
 @click.pass_context
 def command(ctx: click.Context, checkpoint: str, target: str, device: str | None, precision: str,
-            shapes: tuple[str, ...], version_compatible: bool, passes_: str | None, no_passes: bool,
+            shapes: tuple[str, ...], version_compatible: bool, arch: str | None, passes_: str | None, no_passes: bool,
             pass_options: tuple[str, ...], out: str | None, force: bool, roles: tuple[str, ...], data: str | None,
             no_metrics: bool, atol: tuple[str, ...], rtol: tuple[str, ...], no_bench: bool, candidates: str,
             keep_failed: bool, dump_after: str | None, as_json: bool) -> int:
     """Build a verified bundle from CHECKPOINT (a mixexport checkpoint or a torch.export .pt2)."""
-    from mixexport.backends.tensorrt import parse_shapes
+    from mixexport.backends.tensorrt import parse_arch, parse_shapes
     from mixexport.pipeline import BuildOptions, build
     from mixexport.verification.compare import parse_tolerances
 
@@ -70,7 +73,8 @@ def command(ctx: click.Context, checkpoint: str, target: str, device: str | None
                         metrics=not no_metrics, data=Path(data) if data else None,
                         atol=parse_tolerances(atol, "atol"), rtol=parse_tolerances(rtol, "rtol"),
                         keep_failed=keep_failed, dump_after=dump_after, precision=precision,
-                        shapes=parse_shapes(shapes), version_compatible=version_compatible)
+                        shapes=parse_shapes(shapes), version_compatible=version_compatible,
+                        arch=parse_arch(arch))
     with progress(ctx) as say:
         result = build(checkpoint, opts, progress=say)
     parity = result.parity
@@ -81,6 +85,15 @@ def command(ctx: click.Context, checkpoint: str, target: str, device: str | None
         click.echo(f"wrote {result.out} in {result.seconds:.1f}s: {len(result.manifest['segments'])} segment(s), "
                    f"passes: {', '.join(p['name'] for p in result.manifest['passes']) or 'none'}")
         click.echo(f"parity {parity['status']}: max relative error {parity['max_rel']:.3g}")
+        engines = parity.get("engines")
+        if engines and not engines["executed"]:
+            click.echo(f"{engines['backend']}: {engines['reason']}; parity checked on {engines['checked_instead']}")
+        for seg in result.manifest["segments"]:
+            eb = seg.get("engine_build")
+            if eb:
+                int8 = f", int8 kept: {eb['int8']['ratio']}x the float twin's bytes" if "int8" in eb else ""
+                click.echo(f"  engine {seg['name']}: {eb['bytes'] / 1e6:.2f} MB in {eb['seconds']:.2f}s for "
+                           f"{','.join(eb['archs'])} ({eb['library']} {eb['version']}){int8}")
         m = parity["metrics"]
         if m.get("status") in ("PASS", "FAIL"):
             click.echo(f"metrics on {m['dataset']}: AUC {m['auc']['reference']:.5f} -> {m['auc']['bundle']:.5f} "

@@ -37,6 +37,12 @@ def command(ctx: click.Context, bundle: str, checkpoint: str | None, backend: st
     else:
         click.echo(f"{report['status']}: {bundle} on {report['backend']} ({report['device']}), "
                    f"max relative error {report['max_rel']:.3g}")
+        engines = report.get("engines")
+        if engines and not engines["executed"]:
+            click.echo(f"  {engines['backend']}: {engines['reason']}; checked instead: {engines['checked_instead']}")
+        for seg, chk in (report.get("int8") or {}).get("engines", {}).items():
+            click.echo(f"  int8 in the {seg} engine: {chk['status']} ({chk['engine_bytes']} B, "
+                       f"{chk['ratio']}x its float twin's)")
         for t in report["tensor"]:
             worst = max(t["outputs"], key=lambda o: o["max_rel"])
             click.echo(f"  {t['request']:>14}: {'PASS' if t['passed'] else 'FAIL'} (worst {worst['name']}: "

@@ -14,7 +14,8 @@ The weight form it accepts is the pass's reference form and nothing else:
 - GEMM weights: an INT8 initializer read only by ``DequantizeLinear`` (input 0) whose output is
   read only as the weight (input 1) of ``MatMul``/``Gemm`` or ORT's ``FusedMatMul``/``FusedGemm``;
 - embedding tables: an INT8 initializer read only by ``Gather`` (input 0) whose rows are read only by
-  ``DequantizeLinear``.
+  ``DequantizeLinear`` (``embedding_form=gather-first``), or read only by ``DequantizeLinear`` whose
+  output is read only as the table (input 0) of ``Gather`` (``dequantize-first``, TensorRT's form).
 """
 
 from __future__ import annotations
@@ -209,9 +210,10 @@ class _Graphs:
             if not readers:
                 return f"{first} {node.name} output is unused"
             for reader, j in readers:
-                if kind == "gemm" and ((reader.domain, reader.op_type) not in GEMM_OPS or j != 1):
+                table = reader.op_type == "Gather" and j == 0  # embedding_form=dequantize-first
+                if kind == "gemm" and not table and ((reader.domain, reader.op_type) not in GEMM_OPS or j != 1):
                     return (f"DequantizeLinear output read by {reader.op_type} ({reader.name}) input {j}; "
-                            "expected the weight input of MatMul/Gemm")
+                            "expected the weight input of MatMul/Gemm or the table of Gather")
                 if kind == "embedding" and (reader.op_type != "DequantizeLinear" or j != 0):
                     return f"gathered int8 rows read by {reader.op_type} ({reader.name}); expected DequantizeLinear"
         return "ok"

@@ -49,6 +49,9 @@ def latency_markdown(latency: dict[str, Any]) -> list[str]:
     lines = [f"## Latency: {latency['users']} user x N candidates, p50 ms (speedup vs eager)", "",
              f"Machine: {latency['machine']['cpu']}, {latency['machine']['cores']} cores.", "",
              "| runner | " + " | ".join(f"N={n}" for n in ns) + " |", "|---" * (len(ns) + 1) + "|"]
+    engines = latency.get("engines")
+    if engines and not engines["executed"]:  # say it before the table: these are not engine timings
+        lines[2:2] = [f"**{engines['backend']}: {engines['reason']}**; timed instead: {engines['checked_instead']}.", ""]
     for name, per in runners.items():
         cells = []
         for n in ns:

@@ -58,6 +58,36 @@ def _labelled_split(source: Source, data: str | Path | None) -> tuple[Split | No
     return None, "no labelled data: the model was not trained on a known dataset (pass --data FILE.npz)"
 
 
+def execution_plan(manifest: Manifest, backend: str | None, device: str) -> tuple[str | None, str, dict[str, Any] | None]:
+    """(backend, device, engines note) that verify and bench run ``manifest`` with.
+
+    An explicit ``backend`` is used as given (exit 3 when it cannot run here). Otherwise the
+    manifest's; when that is a TensorRT-family backend whose engines cannot execute on this machine
+    (no GPU, or not one of the compute capabilities they were built for), the same segments' ONNX
+    runs on ONNX Runtime CPU and the note says plainly that the engines were not executed — they are
+    never reported as checked.
+    """
+    from mixexport.backends import BACKENDS
+
+    if backend is not None:  # as asked; TensorRT engines run on CUDA only, whatever --device says
+        return backend, "cuda" if hasattr(BACKENDS.get(backend), "engines_unavailable_reason") else device, None
+    names = {s.backend for s in manifest.segments}
+    cls = BACKENDS.get(next(iter(names))) if len(names) == 1 else None
+    if cls is None or not hasattr(cls, "engines_unavailable_reason"):
+        return backend, device, None
+    reason = cls(device="cuda").engines_unavailable_reason(manifest)
+    if reason is None:
+        return None, "cuda", {"executed": True, "backend": cls.name}
+    return "onnxruntime", "cpu", {"executed": False, "backend": cls.name, "reason": reason,
+                                  "checked_instead": "the bundle's ONNX segments on ONNX Runtime CPU"}
+
+
+def engine_int8(manifest: Manifest) -> dict[str, Any]:
+    """The int8-in-the-engine checks recorded at build (engine bytes vs the float twin's), by segment."""
+    return {s["name"]: s["engine_build"]["int8"] for s in manifest.data.get("segments", [])
+            if isinstance(s, dict) and isinstance(s.get("engine_build"), dict) and "int8" in s["engine_build"]}
+
+
 def verify_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | None = None,
                   backend: str | None = None, device: str = "cpu", data: str | Path | None = None,
                   metrics: bool = True, atol: dict[str, float] | None = None,
@@ -70,6 +100,9 @@ def verify_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | Non
         say("checking file hashes")
         check_integrity(manifest)
     source = load_reference(manifest, checkpoint)
+    backend, device, engines = execution_plan(manifest, backend, device)
+    if engines and not engines["executed"]:
+        say(engines["reason"])
     precision = manifest.data.get("precision", "fp32")
     out_names = [s.name for s in manifest.outputs]
     per, default = resolve_tolerances(out_names, precision, atol or {}, rtol or {},
@@ -99,11 +132,17 @@ def verify_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | Non
     except GateFailedError as e:
         int8 = {"status": "FAIL", "failures": e.message.splitlines()[1:]}
         failures.append(e.message)
+    in_engines = engine_int8(manifest)
+    if in_engines:
+        int8["engines"] = in_engines
+        failures += [f"segment {k}: int8 weights folded to float in the engine ({v['engine_bytes']} B vs "
+                     f"float twin {v['float_engine_bytes']} B)" for k, v in in_engines.items() if v["status"] == "FAIL"]
     worst = max((o["max_rel"] for t in tensor for o in t["outputs"]), default=0.0)
     return {"status": "PASS" if not failures else "FAIL", "backend": rt.name, "device": device,
             "precision": precision, "max_rel": worst,
             "tolerances": {n: {"rtol": t.rtol, "atol": t.atol} for n, t in per.items()},
-            "tensor": tensor, "cache": cache_report, "metrics": metric_report, "int8": int8, "failures": failures}
+            "tensor": tensor, "cache": cache_report, "metrics": metric_report, "int8": int8,
+            **({"engines": engines} if engines else {}), "failures": failures}
 
 
 def _cache_checks(manifest: Manifest, source: Source, rt: Runtime, ref: Runtime, per: dict[str, Tolerance],
@@ -192,6 +231,9 @@ def bench_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | None
     say = progress or (lambda _msg: None)
     manifest = bundle if isinstance(bundle, Manifest) else read_manifest(bundle)
     source = load_reference(manifest, checkpoint)
+    backend, device, engines = execution_plan(manifest, backend, device)
+    if engines and not engines["executed"]:
+        say(engines["reason"])
     others = [read_manifest(p) for p in compare]
     for other in others:
         if [s.to_json() for s in other.inputs] != [s.to_json() for s in manifest.inputs]:
@@ -219,7 +261,7 @@ def bench_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | None
     return {"users": users, "candidates": list(candidates), "device": device, "machine": machine_info(),
             "seq_len": seq_len, "note": "input validation excluded from timings; the plain bundle runner's "
             "requests carry no user ids (every request recomputes its user side)",
-            "runners": summarize(results)}
+            **({"engines": engines} if engines else {}), "runners": summarize(results)}
 
 
 def _cache_runners(rt: Runtime, manifest: Manifest, req: Request, label: str) -> dict[str, Callable[[], Any]]:

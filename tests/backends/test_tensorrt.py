@@ -4,6 +4,7 @@ and the exit-3 path through the real CLI when the library is absent (as on CI)."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from mixexport.backends import get_backend
-from mixexport.backends.tensorrt import (DEFAULT_PROFILE, TensorRTBackend, TensorRTRtxBackend, axis_profile,
-                                         check_shapes_apply, derive_profile, engine_entries, engine_path,
-                                         parse_shapes, timing_cache_path)
+from mixexport.backends.tensorrt import (DEFAULT_PROFILE, RTX_DEFAULT_ARCHS, TensorRTBackend, TensorRTRtxBackend,
+                                         axis_profile, check_shapes_apply, derive_profile, engine_entries,
+                                         engine_path, parse_arch, parse_shapes, resolve_axes, timing_cache_path)
+from mixexport.backends.trt_build import int8_engine_check
 from mixexport.bundle import Segment
 from mixexport.errors import BadInputError
 from mixexport.specs import TensorSpec
@@ -111,7 +113,7 @@ def test_options_route_to_the_backends_that_take_them() -> None:
 
 
 @pytest.mark.parametrize("cls,extra,module", [(TensorRTBackend, "trt", "tensorrt"),
-                                              (TensorRTRtxBackend, "trt-rtx", "tensorrt_rtx_bindings")])
+                                              (TensorRTRtxBackend, "trt-rtx", "tensorrt_rtx")])
 def test_unavailable_reason_names_the_package(cls: type, extra: str, module: str) -> None:
     reason = cls().unavailable_reason()
     if reason is None:
@@ -121,19 +123,90 @@ def test_unavailable_reason_names_the_package(cls: type, extra: str, module: str
     assert "\n" not in reason
 
 
+def _hide(tmp_path: Path, modules: tuple[str, ...]) -> dict[str, str]:
+    """An environment in which importing ``modules`` fails as on a machine without them."""
+    shadow = tmp_path / "shadow"
+    for m in modules:
+        (shadow / m).mkdir(parents=True)
+        (shadow / m / "__init__.py").write_text(f"raise ImportError('{m} hidden by the test')\n")
+    return {**os.environ, "PYTHONPATH": str(shadow)}
+
+
 @pytest.mark.parametrize("target,cls,extra", [("trt", TensorRTBackend, "trt"), ("trt-rtx", TensorRTRtxBackend, "trt-rtx")])
 def test_build_exits_3_without_the_library(tiny_ckpt: Path, tmp_path: Path, target: str, cls: type,
                                            extra: str) -> None:
-    if cls().unavailable_reason() is None:
-        pytest.skip(f"{cls.label} and a GPU are present: the exit-3 path does not apply")
-    out = tmp_path / "bundle"
+    """Without the library (hidden here when installed) the build stops before anything is written."""
+    env = _hide(tmp_path, cls.modules)
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "bundle"
     r = subprocess.run([MIXEXPORT, "build", str(tiny_ckpt), "--target", target, "--out", str(out)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 3, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {cls.label}"), r.stderr
-    assert "not installed" not in lines[0] or lines[0].endswith(f'pip install "mixexport[{extra}]"')
-    assert not out.exists() and list(tmp_path.iterdir()) == []  # no bundle, no temp dir
+    assert lines[0].endswith(f'pip install "mixexport[{extra}]"')
+    assert not out.exists() and list(work.iterdir()) == []  # no bundle, no temp dir
+
+
+def test_trt_needs_a_gpu_to_build_rtx_does_not() -> None:
+    """TensorRT proper builds for the GPU it runs on; TensorRT-RTX's build needs only the library."""
+    assert TensorRTBackend.builds_without_gpu is False and TensorRTRtxBackend.builds_without_gpu is True
+    rtx = TensorRTRtxBackend()
+    if rtx._library_reason() is None:
+        assert rtx.build_unavailable_reason() is None
+    trt = TensorRTBackend()
+    if trt._library_reason() is None and trt._gpu_reason() is not None:
+        assert trt.build_unavailable_reason() == trt._gpu_reason()
+
+
+def test_parse_arch() -> None:
+    assert parse_arch("sm80,sm86") == ("sm80", "sm86")
+    assert parse_arch("8.6, 12.0,sm_89") == ("sm86", "sm120", "sm89")
+    assert parse_arch(None) == () and parse_arch("") == ()
+    with pytest.raises(BadInputError, match="expected a compute capability like sm86"):
+        parse_arch("ampere")
+    with pytest.raises(BadInputError, match="gives sm86 twice"):
+        parse_arch("sm86,8.6")
+
+
+def test_arch_options_route() -> None:
+    rtx = TensorRTRtxBackend(arch=("sm86",))
+    assert rtx.session_options()["archs"] == ["sm86"] and rtx.target_archs() == ("sm86",)
+    assert TensorRTRtxBackend().target_archs() == RTX_DEFAULT_ARCHS
+    with pytest.raises(BadInputError, match="TensorRT builds for the GPU it runs on"):
+        TensorRTBackend(arch=("sm86",))
+    with pytest.raises(BadInputError, match="--version-compatible is not supported by TensorRT-RTX"):
+        TensorRTRtxBackend(version_compatible=True)
+    assert TensorRTRtxBackend.PASS_DEFAULTS == {"quantize-w8a16": {"embedding_form": "dequantize-first"}}
+
+
+def test_profiles_follow_what_the_model_declares() -> None:
+    """LONGER: seq = merge · groups, groups >= recent; ``groups + 3`` follows groups."""
+    mult, mins = {"seq": ["groups", 3]}, {"groups": 8}
+    boxes = resolve_axes({"users", "seq", "groups", "groups + 3"}, {}, mult, mins)
+    assert boxes["groups"] == (8, 43, 341)                     # from seq's default 1/128/1024, raised to 8
+    assert boxes["seq"] == (24, 129, 1023)                     # whole multiples of 3
+    assert boxes["groups + 3"] == (11, 46, 344) and boxes["users"] == DEFAULT_PROFILE["users"]
+    assert resolve_axes({"groups"}, {}, mult, mins)["groups"] == (8, 43, 341)  # seq itself absent
+    assert resolve_axes({"seq"}, {"seq": (30, 60, 90)}, mult, mins)["seq"] == (30, 60, 90)
+    assert resolve_axes({"seq"}, {"seq": (31, 61, 92)}, mult, mins)["seq"] == (33, 60, 90)
+    with pytest.raises(BadInputError, match="below the 8 the model needs"):
+        resolve_axes({"groups"}, {"groups": (1, 2, 4)}, mult, mins)
+    with pytest.raises(BadInputError, match="disagree"):
+        resolve_axes({"seq", "groups"}, {"seq": (30, 60, 90), "groups": (8, 9, 10)}, mult, mins)
+    with pytest.raises(BadInputError, match="uses an operation profiles cannot derive"):
+        resolve_axes({"groups ** 2"}, {"groups": (8, 8, 8)})
+    prof = derive_profile([TensorSpec("seq_items", "int64", ("users", "seq"), "sequence"),
+                           TensorSpec("k", "float32", ("users", 4, "groups", 16), "state")], {}, mult, mins)
+    assert prof["seq_items"][0] == (1, 24) and prof["k"][2] == (256, 4, 341, 16)
+
+
+def test_int8_engine_check_rule() -> None:
+    assert int8_engine_check(30, 100, 80)["status"] == "PASS"          # saved 70 of 80
+    assert int8_engine_check(95, 100, 80)["status"] == "FAIL"          # saved 5 of 80: folded
+    assert int8_engine_check(98, 100, 10)["status"] == "inconclusive"  # kernels dominate the engine
+    assert int8_engine_check(30, 100, 80)["ratio"] == 0.3
 
 
 def test_import_is_lazy() -> None:
