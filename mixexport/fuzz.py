@@ -308,6 +308,7 @@ def score(case: Case, bundle: Path, checkpoint: Path) -> dict[str, Any]:
     from mixexport.runtime import Runtime
     from mixexport.source import load_source
     from mixexport.verification.compare import compare_outputs, resolve_tolerances
+    from mixexport.verification.run import execution_plan
 
     manifest = read_manifest(bundle)
     source = load_source(checkpoint)
@@ -316,7 +317,8 @@ def score(case: Case, bundle: Path, checkpoint: Path) -> dict[str, Any]:
     family_tol = (float(tol["rtol"]), float(tol["atol"])) if isinstance(tol, dict) else None
     per, default = resolve_tolerances([s.name for s in manifest.outputs], precision, {}, {}, family_tol)
     request = make_request(case, source)
-    with Runtime.open(manifest) as rt, Runtime.reference(source) as ref:
+    backend, device, _ = execution_plan(manifest, None, "cpu")  # engines that cannot run here: their ONNX
+    with Runtime.open(manifest, backend, device) as rt, Runtime.reference(source) as ref:
         first = rt.score(request)
         results = compare_outputs(first, ref.score(request), per, default)
         again = rt.score(request)
@@ -326,22 +328,16 @@ def score(case: Case, bundle: Path, checkpoint: Path) -> dict[str, Any]:
     return {"precision": precision, "outputs": [r.to_json() for r in results], "failures": failures}
 
 
-def build_engines(bundle: Path, backend: str, out: Path) -> dict[str, Any]:
-    """The engines of ``bundle``'s ONNX segments built with ``backend`` (``tensorrt-rtx`` builds
-    without a GPU) into ``out``: per segment its bytes, build seconds and int8 check."""
-    from mixexport.backends import get_backend
-    from mixexport.bundle import read_manifest
-
-    reports = get_backend(backend, "cuda", for_build=True).compile_bundle(read_manifest(bundle), out)
-    return {name: {"bytes": r["bytes"], "seconds": r["seconds"], "int8": (r.get("int8") or {}).get("status")}
-            for name, r in reports.items()}
+#: ``run_case(engines=…)`` → the build target that makes those engines
+ENGINE_TARGETS = {"tensorrt-rtx": "trt-rtx", "tensorrt": "trt"}
 
 
 def run_case(case: Case, workdir: str | Path, keep: bool = False, engines: str | None = None) -> dict[str, Any]:
-    """Checkpoint → build (verify included) → [``engines``: build the bundle's segments with that
-    TensorRT backend too] → score the case's request. Never raises for a failure of the case: the
-    result says ``passed``, the ``stage`` reached and every error; the bundle is deleted unless
-    ``keep`` or the case failed."""
+    """Checkpoint → build (verify included) → score the case's request. With ``engines``
+    (``tensorrt-rtx``: no GPU needed) the build targets that TensorRT backend, as a user's would:
+    its engines are built, and where they cannot run the ONNX segments are verified and scored.
+    Never raises for a failure of the case: the result says ``passed``, the ``stage`` reached and
+    every error; the bundle is deleted unless ``keep`` or the case failed."""
     from mixexport.pipeline import BuildOptions, build
 
     work = Path(workdir)
@@ -353,12 +349,14 @@ def run_case(case: Case, workdir: str | Path, keep: bool = False, engines: str |
     try:
         ckpt = _checkpoint(case, work / f"model-{case.seed}.pt")
         stage = "build"
-        built = build(ckpt, BuildOptions(out=out, passes=case.passes, bench=False, metrics=False, force=True))
+        target = {"target": ENGINE_TARGETS[engines], "device": "cuda"} if engines else {}
+        built = build(ckpt, BuildOptions(out=out, passes=case.passes, bench=False, metrics=False, force=True,
+                                         **target))
         result["verify_max_rel"] = built.parity["max_rel"]
         if engines:
-            stage = "engines"
-            result["engines"] = build_engines(out, engines, work / f"engines-{case.seed}")
-            shutil.rmtree(work / f"engines-{case.seed}", ignore_errors=True)
+            result["engines"] = {s["name"]: {"bytes": s["engine_build"]["bytes"], "seconds": s["engine_build"]["seconds"],
+                                             "int8": (s["engine_build"].get("int8") or {}).get("status")}
+                                 for s in built.manifest["segments"]}
         stage = "score"
         parity = score(case, out, ckpt)
         result["score"] = parity

@@ -145,6 +145,7 @@ class TrtSession(SessionBase):
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        self._check_open()
         with self.lock, torch.cuda.stream(self.stream):
             keep = []
             for name in self.inputs:
@@ -178,6 +179,7 @@ class TrtSession(SessionBase):
             for attr in ("context", "engine", "runtime", "stream"):
                 if getattr(self, attr, None) is not None:
                     setattr(self, attr, None)
+            super().close()
 
 
 class TensorRTBackend:
