@@ -337,7 +337,7 @@ def _caches(c: _Check, value: Any, segments: list[dict[str, Any]], inputs: Mappi
         if "users" not in spec["shape"]:
             raise c.fail(f"segment {producer['name']!r} output {name!r}", "has no 'users' axis")
         c.integer(axes[name], f"{where}.seq_axis[{name!r}]", hi=len(spec["shape"]) - 1)
-    seq = cache["input"]
+    seq = c.name(cache["input"], f"{where}.input")
     if seq not in inputs or inputs[seq]["role"] != "sequence" or seq not in {s["name"] for s in producer["inputs"]}:
         raise c.fail(f"{where}.input", f"is {_short(seq)}, not a sequence input of the cache segment")
     c.integer(cache["items_per_position"], f"{where}.items_per_position", lo=1, hi=2**20)

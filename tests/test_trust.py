@@ -363,6 +363,27 @@ def split_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_fuzz_findings_stay_fixed(split_copy: Path, tmp_path: Path) -> None:
+    """Mutations the long fuzz run found crashing (each fixed): refused with one line now."""
+    copy = tmp_path / "lo"
+    shutil.copytree(split_copy, copy)
+    for edit, message in [
+        (lambda d: d["caches"][0].update(input=["seq_items"]), "caches[0].input must be a string"),
+        (lambda d: d["segments"][0]["session_options"]["config"].update(
+            {"session.qdq_matmulnbits_accuracy_level": 10**400}), "not a value ONNX Runtime takes"),
+    ]:
+        shutil.copy(split_copy / "manifest.json", copy / "manifest.json")
+        edit_manifest(copy, edit)
+        r = run_cli("inspect", str(copy))
+        assert r.code == 2 and message in r.err and "Traceback" not in r.err, r.err
+    # a manifest that moves the 'users' axis of user state: the ONNX file says otherwise
+    shutil.copy(split_copy / "manifest.json", copy / "manifest.json")
+    edit_manifest(copy, lambda d: d["segments"][1]["outputs"][0].update(
+        shape=d["segments"][1]["outputs"][0]["shape"][::-1]))
+    with pytest.raises(BadInputError, match="of the manifest does not describe segments/user.onnx: output 'state_0'"):
+        Runtime.open(copy)
+
+
 @pytest.mark.parametrize("which", ["full", "split"])
 def test_manifest_fuzz_ci_slice(which: str, bundle_copy: Path, request: pytest.FixtureRequest) -> None:
     from mixexport.manifest_fuzz import KINDS, timed_run
