@@ -307,11 +307,28 @@ def _graph(c: _Check, segments: list[dict[str, Any]], inputs: Mapping[str, dict[
             if s["dtype"] != want["dtype"] or len(s["shape"]) != len(want["shape"]) or s["role"] != want["role"]:
                 raise c.fail(where, f"is {s['dtype']} {s['role']} of rank {len(s['shape'])}, but its source is "
                                     f"{want['dtype']} {want['role']} of rank {len(want['shape'])}")
+            if not _same_axes(s["shape"], want["shape"], exact=s["name"] not in inputs):
+                raise c.fail(where, f"has shape {_short(s['shape'])}, but its source has {_short(want['shape'])}")
     last = segments[-1]
     got = {s["name"]: s for s in last["outputs"]}
     for name, spec in outputs.items():
-        if name not in got or got[name]["dtype"] != spec["dtype"]:
-            raise c.fail(f"segment {last['name']!r}", f"does not output the model output {name!r} ({spec['dtype']})")
+        if name not in got or got[name]["dtype"] != spec["dtype"] or not _same_axes(got[name]["shape"], spec["shape"]):
+            raise c.fail(f"segment {last['name']!r}", f"does not output the model output {name!r} "
+                                                      f"({spec['dtype']}{_short(spec['shape'])})")
+
+
+def _same_axes(a: list[Any], b: list[Any], exact: bool = False) -> bool:
+    """Shapes a tensor keeps from its source: the same static sizes and its rows (the axis the
+    runtime gathers and cuts by user or candidate) at the same place; between segments, the same
+    shape (the runtime hands the tensor over as it is)."""
+    if exact or len(a) != len(b):
+        return a == b
+    for x, y in zip(a, b):
+        if (isinstance(x, int) or isinstance(y, int)) and x != y:
+            return False
+        if (x in RUNTIME_AXES) != (y in RUNTIME_AXES):
+            return False
+    return True
 
 
 def _caches(c: _Check, value: Any, segments: list[dict[str, Any]], inputs: Mapping[str, dict[str, Any]]) -> None:

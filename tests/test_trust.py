@@ -376,10 +376,21 @@ def test_fuzz_findings_stay_fixed(split_copy: Path, tmp_path: Path) -> None:
         edit_manifest(copy, edit)
         r = run_cli("inspect", str(copy))
         assert r.code == 2 and message in r.err and "Traceback" not in r.err, r.err
-    # a manifest that moves the 'users' axis of user state: the ONNX file says otherwise
+    # a manifest that moves the 'users' axis of user state: refused as inconsistent with itself, and
+    # when edited consistently (producer and consumer), as inconsistent with the ONNX file
     shutil.copy(split_copy / "manifest.json", copy / "manifest.json")
     edit_manifest(copy, lambda d: d["segments"][1]["outputs"][0].update(
         shape=d["segments"][1]["outputs"][0]["shape"][::-1]))
+    with pytest.raises(BadInputError, match="segment 'item' input 'state_0' has shape"):
+        Runtime.open(copy)
+
+    def both(d: dict[str, Any]) -> None:
+        for spec in d["segments"][1]["outputs"] + d["segments"][2]["inputs"]:
+            if spec["name"] == "state_0":
+                spec["shape"] = spec["shape"][::-1]
+
+    shutil.copy(split_copy / "manifest.json", copy / "manifest.json")
+    edit_manifest(copy, both)
     with pytest.raises(BadInputError, match="of the manifest does not describe segments/user.onnx: output 'state_0'"):
         Runtime.open(copy)
 
