@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What the trust checks cost when a server opens a bundle: ``Runtime.open`` with and without
-``verify_files`` (sha256 of every file it loads), plus the parts, medians of ``--repeat`` rounds
-timed alternately in one process (the page cache is warm for both).
+``verify_files`` (sha256 of every file it loads) and with no file check at all, plus the parts;
+medians of ``--repeat`` rounds timed alternately in one process (the page cache is warm for all).
 
     python benchmarks/make_checkpoint.py --family rankmixer --config base --out /tmp/rmb.pt
     mixexport build /tmp/rmb.pt --out /tmp/rmb --no-bench --no-metrics
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from mixexport.bundle import read_manifest
+from mixexport.bundle import Manifest, read_manifest
 from mixexport.runtime import Runtime
 from mixexport.trust import external_data_files, file_digest
 
@@ -29,11 +29,21 @@ def main() -> None:
     m = read_manifest(args.bundle)
     loaded = [rel for seg in m.segments for rel in m.loaded_files(seg, seg.backend)]
     onnx_files = [seg.file for seg in m.segments]
+    def unchecked() -> None:  # the open without any file check: sessions only (what it cost before)
+        original = Manifest.check_loadable
+        Manifest.check_loadable = lambda self, plan, hashes=True: None  # type: ignore[method-assign]
+        try:
+            Runtime.open(args.bundle).close()
+        finally:
+            Manifest.check_loadable = original  # type: ignore[method-assign]
+
     runners: dict[str, Callable[[], object]] = {
         "Runtime.open (verify_files=True)": lambda: Runtime.open(args.bundle).close(),
         "Runtime.open (verify_files=False)": lambda: Runtime.open(args.bundle, verify_files=False).close(),
+        "Runtime.open without any file check": unchecked,
         "  sha256 of the loaded files": lambda: [file_digest(m.root / rel) for rel in loaded],
         "  external-data scan of the ONNX files": lambda: [external_data_files(m.root, rel) for rel in onnx_files],
+        "  all checks (scan + sha256, overlapped)": lambda: m.check_loadable([(s, s.backend) for s in m.segments]),
         "  read_manifest (validation included)": lambda: read_manifest(args.bundle),
     }
     times: dict[str, list[float]] = {k: [] for k in runners}

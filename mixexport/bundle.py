@@ -28,6 +28,7 @@ import platform
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -305,6 +306,23 @@ class Manifest:
         """Refuse (:class:`IntegrityError`, the file named) any of ``rels`` that is missing, unlisted
         in ``files`` or does not match its sha256 there."""
         check_files(self.root, self.data["files"], rels)
+
+    def check_loadable(self, plan: list[tuple[SegmentEntry, str]], hashes: bool = True) -> None:
+        """Every check on the files each (segment, backend) of ``plan`` will load, before any is
+        loaded: the path rule (ONNX external-data locations included) and, with ``hashes``, each
+        file's sha256 (:meth:`loaded_files`, :meth:`check_files`). The ONNX files are scanned for
+        external-data locations in a worker thread while this one hashes (hashlib releases the GIL,
+        the byte search does not): on two cores the two overlap."""
+        first = {seg.name: seg.engines.get(backend) or (seg.file if backend == "onnxruntime" else None)
+                 for seg, backend in plan}
+        to_scan = [seg.file for seg, backend in plan if first[seg.name] == seg.file]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            scans = [pool.submit(external_data_files, self.root, rel) for rel in to_scan]
+            if hashes:
+                self.check_files([rel for rel in first.values() if rel])
+            extra = [rel for job in scans for rel in job.result()]
+        if hashes:
+            self.check_files(extra)
 
 
 _REQUIRED = {"schema_version": int, "versions": dict, "model": dict, "target": str, "segments": list,

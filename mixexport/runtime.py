@@ -136,10 +136,8 @@ class Runtime:
             raise IntegrityError(f"{manifest.root / 'manifest.json'} has sha256 {manifest.sha256}, not the pinned "
                                  f"{manifest_sha256.strip()[:64]}", "fetch the bundle again")
         backends = {seg.name: get_backend(backend or seg.backend, device) for seg in manifest.segments}
-        for seg in manifest.segments:  # every check before the first session: nothing unverified is loaded
-            files = manifest.loaded_files(seg, backends[seg.name].name)
-            if verify_files:
-                manifest.check_files(files)
+        # every check before the first session: nothing unverified is loaded
+        manifest.check_loadable([(seg, backends[seg.name].name) for seg in manifest.segments], hashes=verify_files)
         sessions = {seg.name: backends[seg.name].prepare(manifest, seg) for seg in manifest.segments}
         return cls(manifest.inputs, manifest.outputs, manifest.segments, sessions, cache_bytes,
                    name=backend or manifest.segments[0].backend, caches=manifest.data.get("caches", []),
