@@ -1,6 +1,7 @@
 """TensorRT-RTX builds engines on this GPU-less machine: every segment of every family × every pass
-combination of the fuzzer, at fp32 and fp16, must parse and build (CI installs TensorRT-RTX and
-fails rather than skips these). Plus the whole CLI path (`mixexport build --target trt-rtx`, then
+combination of the fuzzer must parse and build, at fp32 and fp16 (CI installs TensorRT-RTX and fails
+rather than skips these). fp32: the fuzzer's CI slice (tests/test_fuzz.py) builds one random config
+of every combination with ``--target trt-rtx``; fp16: the tiny configs of every combination, here. Plus the whole CLI path (`mixexport build --target trt-rtx`, then
 `verify`, which cannot execute the engines here and says so), the per-axis profile of LONGER with a
 merge that is not a power of two, and the int8-in-the-engine check on a model whose weights dominate
 its engine.
@@ -65,7 +66,7 @@ def staged_bundle(ckpt: Path, passes: tuple[str, ...], precision: str, backend: 
     return to_onnx_stage(bundle, request) if bundle.stage == "program" else bundle
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp16"])
 @pytest.mark.parametrize("family,passes", COMBOS, ids=[f"{f}[{','.join(p) or 'none'}]" for f, p in COMBOS])
 def test_every_segment_builds(family: str, passes: tuple[str, ...], precision: str,
                               checkpoints: dict[str, Path], tmp_path: Path) -> None:
