@@ -31,6 +31,10 @@ from mixexport.models import create_model
 from mixexport.models.common import random_feeds
 from tests.trt_rtx import require_trt_rtx, trt_rtx_reason
 
+#: Under pytest-xdist every worker collects every case, and the module's ``results`` fixture submits
+#: the ones collected: one group keeps the fuzz tests (and so those builds) on one worker.
+pytestmark = pytest.mark.xdist_group("fuzz")
+
 CI_SEED = 0
 CI_FORCED = {"layers": 0}  # one layer: build time is mostly per-graph overhead, not model size
 SLOW_LABELS = {"longer[quantize-w8a16]", "rankmixer-moe[quantize-w8a16]", "tokenmixer-large[quantize-w8a16]"}
