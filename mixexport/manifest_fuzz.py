@@ -27,6 +27,7 @@ import io
 import json
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +209,9 @@ def _watchdog(seconds: float) -> Iterator[None]:
     def fire(signum: int, frame: object) -> None:
         raise _Hang()
 
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
     old = signal.signal(signal.SIGALRM, fire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
