@@ -1,8 +1,9 @@
 """TensorRT-RTX builds engines on this GPU-less machine: every segment of every family × every pass
 combination of the fuzzer must parse and build, at fp32 and fp16 (CI installs TensorRT-RTX and fails
 rather than skips these). fp32: the fuzzer's CI slice (tests/test_fuzz.py) builds one random config
-of every combination with ``--target trt-rtx``; fp16: the tiny configs of every combination, here. Plus the whole CLI path (`mixexport build --target trt-rtx`, then
-`verify`, which cannot execute the engines here and says so), the per-axis profile of LONGER with a
+of every combination with ``--target trt-rtx``; fp16: the tiny configs of every combination, here.
+Plus the whole CLI path (`mixexport build --target trt-rtx`, then `verify`, which cannot execute the
+engines here and says so), the per-axis profile of LONGER with a
 merge that is not a power of two, and the int8-in-the-engine check on a model whose weights dominate
 its engine.
 
