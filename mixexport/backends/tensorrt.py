@@ -322,7 +322,9 @@ class TensorRTBackend:
             cache = built.timing_cache
             write(entries[job.name][self.name], built.plan)
             report = {"library": self.label, "version": version, **built.report, "archs": list(archs)}
-            twin, count = dequantized_twin(job.model)
+            # the twin copies the whole model: only worth it where a DequantizeLinear may read int8
+            has_dq = any(n.op_type == "DequantizeLinear" for n in job.model.graph.node)
+            twin, count = dequantized_twin(job.model) if has_dq else (None, 0)
             if count:
                 progress(f"{self.label}: building segment {job.name}'s float twin (int8 weights check)")
                 from mixexport.export import save_onnx
