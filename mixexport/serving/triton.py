@@ -1,0 +1,244 @@
+"""A Triton Inference Server model repository for a bundle (``mixexport triton BUNDLE --out REPO``).
+
+Two flavours, both derived from the manifest (the single source of truth; nothing is re-exported):
+
+- ``python`` (default): one model, ``backend: "python"``, that serves the bundle through
+  :class:`mixexport.runtime.Runtime` (``model.py`` = :mod:`mixexport.serving.triton_model`). The
+  bundle is copied, file by file checked against its sha256, into the model's version directory and
+  the manifest's own sha256 is pinned in the config, so the server opens exactly what was verified.
+  Requests carry the user inputs (U rows), the item inputs (N rows), ``user_index [N]`` and an
+  optional ``user_id [U]`` (strings): with ids, user state and KV caches are kept per user across
+  requests (bounded LRU, per model instance), and a sequence that grew by new behaviours only
+  encodes the new positions. This is the flavour a split or KV bundle needs: a plain ensemble
+  recomputes the user segment on every request.
+- ``native``: one model per segment on Triton's own backends (``onnxruntime_onnx``, or
+  ``tensorrt_plan`` for segments with a TensorRT engine) plus an ``ensemble`` under the bundle's name
+  that runs the cache/user segments once per request and the item segment over the request's
+  candidates with ``user_index``. An unsplit bundle becomes one model with dynamic batching on its
+  batch axis. Split segments keep ``max_batch_size: 0``: their requests cannot be concatenated by
+  Triton's batcher (``user_index`` counts a request's own users; merged requests would point at the
+  wrong rows), so each request is one U × N call.
+
+Config files are Triton's protobuf text format (``model_config.proto``); the tests parse every one
+with ``tritonclient``'s own ``model_config_pb2``, so a field Triton does not know fails them.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from mixexport.bundle import Manifest, SegmentEntry, read_manifest
+from mixexport.errors import BadInputError
+from mixexport.runtime import DEFAULT_CACHE_BYTES
+from mixexport.specs import TensorSpec
+from mixexport.trust import external_data_files
+
+FLAVOURS = ("python", "native")
+MODEL_FILE = Path(__file__).with_name("triton_model.py")
+USER_ID = "user_id"          # the python flavour's request field naming the U users (strings)
+USER_INDEX = "user_index"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+# numpy dtype name -> Triton data type (model_config.proto DataType)
+DATA_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "int16": "TYPE_INT16",
+              "int32": "TYPE_INT32", "int64": "TYPE_INT64", "float16": "TYPE_FP16", "float32": "TYPE_FP32",
+              "float64": "TYPE_FP64", "bfloat16": "TYPE_BF16"}
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    out: Path
+    flavour: str = "python"
+    name: str | None = None          # the served model's name (default: the bundle directory's)
+    instances: int = 1               # python flavour: model instances (processes), each with its own caches
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    max_batch_size: int = 4096       # native flavour, unsplit bundles: the dynamic batcher's limit
+    force: bool = False
+
+
+def write_repository(bundle: str | Path, options: TritonOptions, manifest_sha256: str | None = None) -> dict[str, Any]:
+    """Write a Triton model repository for ``bundle`` at ``options.out`` (a temporary sibling renamed
+    when complete; an existing one is replaced only with ``force``). Returns a summary: the models
+    written (name, kind, files) and notes on what the flavour does not carry over."""
+    if options.flavour not in FLAVOURS:
+        raise BadInputError(f"unknown flavour {options.flavour!r}", f"one of {', '.join(FLAVOURS)}")
+    if options.instances < 1 or options.cache_bytes < 0 or options.max_batch_size < 1:
+        raise BadInputError("--instances and --max-batch-size must be >= 1, --cache-bytes >= 0",
+                            f"found {options.instances}, {options.max_batch_size}, {options.cache_bytes}")
+    manifest = read_manifest(bundle, sha256=manifest_sha256)
+    name = options.name or re.sub(r"[^A-Za-z0-9_.-]", "_", manifest.root.resolve().name)
+    if not NAME_RE.match(name):
+        raise BadInputError(f"model name {name!r} is not a valid Triton model name",
+                            "pass --name with letters, digits, '_', '.', '-' (up to 64, not starting with '.'/'-')")
+    out = Path(options.out)
+    if out.exists() and not options.force:
+        raise BadInputError(f"{out} exists", "pass --force to replace it, or choose another --out")
+    if out.resolve() == manifest.root.resolve() or manifest.root.resolve() in out.resolve().parents:
+        raise BadInputError(f"--out {out} is inside the bundle", "write the repository outside the bundle directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if options.flavour == "python":
+            models, notes = _python_flavour(manifest, name, options, tmp)
+        else:
+            models, notes = _native_flavour(manifest, name, options, tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / "repo")
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"repository": str(out), "flavour": options.flavour, "model": name, "bundle": str(manifest.root),
+            "manifest_sha256": manifest.sha256, "models": models, "notes": notes}
+
+
+# -- python flavour -------------------------------------------------------------------------------
+def _python_flavour(manifest: Manifest, name: str, options: TritonOptions,
+                    repo: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    version = repo / name / "1"
+    rels = ["manifest.json", *sorted(manifest.data["files"])]
+    manifest.check_files(sorted(manifest.data["files"]))  # copy only what matches its sha256
+    for rel in rels:
+        dst = version / "bundle" / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(manifest.file(rel), dst)
+    shutil.copyfile(MODEL_FILE, version / "model.py")
+    inputs = [_tensor(s.name, s.dtype, s.shape) for s in manifest.inputs]
+    inputs.append(_tensor(USER_INDEX, "int64", ("candidates",)))
+    inputs.append(_tensor(USER_ID, None, ("users",), optional=True))
+    text = _config(
+        name, ['backend: "python"', "max_batch_size: 0"], inputs,
+        [_tensor(s.name, s.dtype, s.shape) for s in manifest.outputs],
+        header=[f"mixexport {manifest.data['model'].get('family') or 'program'} bundle served through "
+                "mixexport.runtime.Runtime (1/model.py, 1/bundle/)",
+                "user inputs: U rows; item inputs and user_index: N rows; user_id (optional, U strings) "
+                "keys the per-user caches"],
+        tail=[f"instance_group [\n  {{\n    kind: KIND_CPU\n    count: {options.instances}\n  }}\n]",
+              _parameter("manifest_sha256", manifest.sha256),
+              _parameter("cache_bytes", str(options.cache_bytes))])
+    (repo / name / "config.pbtxt").write_text(text)
+    files = sorted(str(p.relative_to(repo)) for p in (repo / name).rglob("*") if p.is_file())
+    notes = ["the server's Python must import mixexport, numpy and onnxruntime: start tritonserver with that "
+             "environment's bin directory first on PATH (the python-backend stub takes its interpreter from it)"]
+    if options.instances > 1:
+        notes.append(f"{options.instances} instances: each keeps its own per-user caches")
+    return [{"name": name, "kind": "python", "files": files}], notes
+
+
+# -- native flavour -------------------------------------------------------------------------------
+def _native_flavour(manifest: Manifest, name: str, options: TritonOptions,
+                    repo: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    notes: list[str] = []
+    segments = manifest.segments
+    models = []
+    if len(segments) == 1 and segments[0].role == "full":
+        models.append(_segment_model(manifest, segments[0], name, repo, notes, options.max_batch_size))
+        return models, notes
+    produced = {s.name for seg in segments for s in seg.outputs}
+    for seg in segments:
+        models.append(_segment_model(manifest, seg, f"{name}_{seg.name}", repo, notes, 0))
+    # the ensemble's inputs: every segment input no segment produces, in first-use order
+    ext: dict[str, TensorSpec] = {}
+    for seg in segments:
+        for s in seg.inputs:
+            if s.name not in produced:
+                ext.setdefault(s.name, s)
+    steps = []
+    for seg in segments:
+        maps = [f'      input_map {{\n        key: "{s.name}"\n        value: "{s.name}"\n      }}' for s in seg.inputs]
+        maps += [f'      output_map {{\n        key: "{s.name}"\n        value: "{s.name}"\n      }}' for s in seg.outputs]
+        steps.append(f'    {{\n      model_name: "{name}_{seg.name}"\n      model_version: -1\n' + "\n".join(maps)
+                     + "\n    }")
+    item = next(s for s in segments if s.role == "item")
+    text = _config(
+        name, ['platform: "ensemble"', "max_batch_size: 0"],
+        [_tensor(s.name, s.dtype, s.shape) for s in ext.values()],
+        [_tensor(s.name, s.dtype, s.shape) for s in item.outputs],
+        header=[f"{' -> '.join(s.name for s in segments)}: the user-side segments once per request (U users), "
+                "the item segment over the N candidates with user_index",
+                "no per-user caches across requests here: that needs the python flavour (mixexport triton "
+                "--flavour python)"],
+        tail=["ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}"])
+    (repo / name / "1").mkdir(parents=True)  # an ensemble still needs a version directory
+    (repo / name / "config.pbtxt").write_text(text)
+    models.append({"name": name, "kind": "ensemble", "files": [f"{name}/config.pbtxt"]})
+    notes.append("split segments run with max_batch_size 0 (no dynamic batching): user_index counts a "
+                 "request's own users, so Triton cannot concatenate requests")
+    if manifest.data.get("caches"):
+        notes.append("the KV cache is recomputed on every request (the ensemble keeps no state): serve the "
+                     "python flavour to keep it per user across requests")
+    return models, notes
+
+
+def _segment_model(manifest: Manifest, seg: SegmentEntry, model: str, repo: Path, notes: list[str],
+                   max_batch: int) -> dict[str, Any]:
+    version = repo / model / "1"
+    version.mkdir(parents=True)
+    plan = seg.engines.get("tensorrt")
+    if plan:  # TensorRT proper: Triton's tensorrt backend deserializes the plan
+        manifest.check_files([plan])
+        shutil.copyfile(manifest.file(plan), version / "model.plan")
+        kind, platform = "tensorrt_plan", 'platform: "tensorrt_plan"'
+    else:
+        rels = [seg.file, *external_data_files(manifest.root, seg.file)]
+        manifest.check_files(rels)
+        shutil.copyfile(manifest.file(seg.file), version / "model.onnx")
+        for rel in rels[1:]:  # external data: its location is relative to the ONNX file
+            dst = version / Path(rel).relative_to(Path(seg.file).parent)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(manifest.file(rel), dst)
+        kind, platform = "onnxruntime_onnx", 'platform: "onnxruntime_onnx"'
+        other = sorted(set(seg.engines) - {"tensorrt"})
+        if other:
+            notes.append(f"segment {seg.name}: its {', '.join(other)} engine is not servable by a Triton backend "
+                         "here; the model serves its ONNX file with ONNX Runtime")
+        opts = seg.session_options.get("config") or {}
+        note = (f"Triton's onnxruntime backend does not take the manifest's ONNX Runtime session config entries "
+                f"({', '.join(sorted(opts))}); the bundle's parity was verified with them")
+        if opts and note not in notes:
+            notes.append(note)
+    batched = max_batch > 0
+    ins = [_tensor(s.name, s.dtype, s.shape[1:] if batched else s.shape) for s in seg.inputs]
+    outs = [_tensor(s.name, s.dtype, s.shape[1:] if batched else s.shape) for s in seg.outputs]
+    tail = ["dynamic_batching {\n}"] if batched else []
+    text = _config(model, [platform, f"max_batch_size: {max_batch}"], ins, outs,
+                   header=[f"segment {seg.name} ({seg.role}) of the mixexport bundle"], tail=tail)
+    (repo / model / "config.pbtxt").write_text(text)
+    files = sorted(str(p.relative_to(repo)) for p in (repo / model).rglob("*") if p.is_file())
+    return {"name": model, "kind": kind, "segment": seg.name, "files": files}
+
+
+# -- protobuf text format -------------------------------------------------------------------------
+def _dims(shape: Sequence[int | str]) -> str:
+    return "[ " + ", ".join(str(d) if isinstance(d, int) else "-1" for d in shape) + " ]"
+
+
+def _tensor(name: str, dtype: str | None, shape: Sequence[int | str], optional: bool = False) -> str:
+    if dtype is not None and dtype not in DATA_TYPES:
+        raise BadInputError(f"tensor {name!r} has dtype {dtype}, which Triton has no data type for",
+                            f"Triton takes {', '.join(sorted(DATA_TYPES))}")
+    lines = [f'    name: "{name}"', f"    data_type: {DATA_TYPES[dtype] if dtype else 'TYPE_STRING'}",
+             f"    dims: {_dims(shape)}"]
+    if optional:
+        lines.append("    optional: true")
+    return "  {\n" + "\n".join(lines) + "\n  }"
+
+
+def _parameter(key: str, value: str) -> str:
+    return f'parameters {{\n  key: "{key}"\n  value {{\n    string_value: "{value}"\n  }}\n}}'
+
+
+def _config(name: str, head: Iterable[str], inputs: list[str], outputs: list[str],
+            header: Iterable[str] = (), tail: Iterable[str] = ()) -> str:
+    parts = [*(f"# {line}" for line in header), f'name: "{name}"', *head,
+             "input [\n" + ",\n".join(inputs) + "\n]", "output [\n" + ",\n".join(outputs) + "\n]", *tail]
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,154 @@
+"""``mixexport triton``: the repositories it writes. Every ``config.pbtxt`` is parsed with Triton's own
+``model_config.proto`` (tritonclient's ``model_config_pb2``, text format: an unknown field fails), the
+native flavour's configs are checked against the ONNX files Triton would load, and the ensemble is
+run step by step as its parsed config wires it (ONNX Runtime on the repository's model files)
+against the eager model. Triton's own ONNX Runtime / TensorRT backends are not in the pytriton
+wheel: that the server runs the native flavour is not tested here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mixexport.bundle import read_manifest
+from mixexport.serving.triton import DATA_TYPES
+from tests.cli_helpers import run_cli
+from tests.serving.triton_env import require_triton
+
+pytestmark = pytest.mark.xdist_group("triton")
+BUNDLES = ("ugsep_split", "longer_kv")
+
+
+def parse(path: Path):  # -> model_config_pb2.ModelConfig
+    require_triton(server=False)
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def dtype_name(cfg_type: int) -> str:
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2.DataType.Name(cfg_type)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("which", BUNDLES)
+def test_native_repository(which: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """One onnxruntime_onnx model per segment (its config equal to the ONNX file's own inputs and
+    outputs, the file byte-identical to the verified one) and an ensemble whose steps, run as the
+    parsed config wires them, score like the eager model."""
+    import onnxruntime as ort
+
+    from mixexport.runtime import Runtime
+    from mixexport.source import load_source
+
+    ckpt, bundle = request.getfixturevalue(which)
+    manifest = read_manifest(bundle)
+    repo = tmp_path / "repo"
+    r = run_cli("triton", str(bundle), "--out", str(repo), "--flavour", "native", "--name", "m", "--json")
+    assert r.code == 0, r.err
+    summary = json.loads(r.out)
+    configs = {p.parent.name: parse(p) for p in repo.glob("*/config.pbtxt")}
+    assert sorted(configs) == sorted(["m", *(f"m_{s.name}" for s in manifest.segments)])
+    assert all(cfg.name == name for name, cfg in configs.items())
+    sessions = {}
+    for seg in manifest.segments:
+        cfg, model = configs[f"m_{seg.name}"], repo / f"m_{seg.name}" / "1" / "model.onnx"
+        assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 0
+        assert sha256(model) == manifest.data["files"][seg.file]
+        sess = sessions[seg.name] = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        for declared, actual in ((cfg.input, sess.get_inputs()), (cfg.output, sess.get_outputs())):
+            assert [t.name for t in declared] == [a.name for a in actual]
+            for t, a in zip(declared, actual):
+                assert list(t.dims) == [d if isinstance(d, int) else -1 for d in a.shape], t.name
+                onnx_type = a.type[len("tensor("):-1].replace("float", "float32").replace("double", "float64")
+                assert dtype_name(t.data_type) == DATA_TYPES[onnx_type], t.name
+    ens = configs["m"]
+    assert ens.platform == "ensemble" and (repo / "m" / "1").is_dir()
+    external = {t.name for t in ens.input}
+    assert external == {s.name for s in manifest.inputs} | {"user_index"}
+    # run the ensemble as its config says: each step's input_map feeds it, its output_map names results
+    src = load_source(ckpt)
+    req = src.example_request(3, 7, seed=5)
+    values = {**req.user, **req.item, "user_index": req.user_index}
+    assert set(values) == external
+    for step in ens.ensemble_scheduling.step:
+        seg_name = step.model_name[len("m_"):]
+        assert set(step.input_map.values()) <= set(values), f"{step.model_name} reads a tensor not yet produced"
+        outs = sessions[seg_name].run(None, {k: values[v] for k, v in step.input_map.items()})
+        names = [o.name for o in sessions[seg_name].get_outputs()]
+        values.update({step.output_map[n]: o for n, o in zip(names, outs)})
+    with Runtime.reference(src) as ref:
+        want = ref.score(req)["logit"]
+    assert [t.name for t in ens.output] == ["logit"]
+    got = values["logit"]
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-5
+    kinds = {m["name"]: m["kind"] for m in summary["models"]}
+    assert kinds["m"] == "ensemble" and all(kinds[f"m_{s.name}"] == "onnxruntime_onnx" for s in manifest.segments)
+    assert any("max_batch_size 0" in n for n in summary["notes"])
+    assert any("recomputed on every request" in n for n in summary["notes"]) == bool(manifest.data["caches"])
+
+
+@pytest.mark.parametrize("which", BUNDLES)
+def test_python_repository(which: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """One python-backend model: the bundle's inputs, user_index and an optional user_id; the
+    bundle copied byte for byte with its manifest's sha256 pinned in the config."""
+    _, bundle = request.getfixturevalue(which)
+    manifest = read_manifest(bundle)
+    repo = tmp_path / "repo"
+    r = run_cli("triton", str(bundle), "--out", str(repo), "--instances", "2")
+    assert r.code == 0, r.err
+    assert "each keeps its own per-user caches" in r.out
+    name = bundle.name
+    cfg = parse(repo / name / "config.pbtxt")
+    assert cfg.name == name and cfg.backend == "python" and cfg.max_batch_size == 0
+    assert [g.count for g in cfg.instance_group] == [2]
+    ins = {t.name: t for t in cfg.input}
+    assert list(ins) == [s.name for s in manifest.inputs] + ["user_index", "user_id"]
+    for s in manifest.inputs:
+        assert dtype_name(ins[s.name].data_type) == DATA_TYPES[s.dtype]
+        assert list(ins[s.name].dims) == [d if isinstance(d, int) else -1 for d in s.shape]
+    assert ins["user_id"].optional and dtype_name(ins["user_id"].data_type) == "TYPE_STRING"
+    assert not ins["user_index"].optional
+    assert [(t.name, list(t.dims)) for t in cfg.output] == [("logit", [-1, 1])]
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    copy = repo / name / "1" / "bundle"
+    assert params["manifest_sha256"] == manifest.sha256 == sha256(copy / "manifest.json")
+    for rel, digest in manifest.data["files"].items():
+        assert sha256(copy / rel) == digest
+    assert (repo / name / "1" / "model.py").read_text().startswith('"""Triton python-backend model')
+
+
+def test_refusals(ugsep_split: tuple[Path, Path], tmp_path: Path) -> None:
+    """Bad input: one line, exit 2 (or 1 for a changed file), no traceback, nothing written."""
+    _, bundle = ugsep_split
+    (tmp_path / "taken").mkdir()
+    cases = [
+        (["--out", str(tmp_path / "taken")], 2, "exists"),
+        (["--out", str(tmp_path / "a"), "--name", "bad/name"], 2, "not a valid Triton model name"),
+        (["--out", str(tmp_path / "a"), "--instances", "0"], 2, "must be >= 1"),
+        (["--out", str(bundle / "repo")], 2, "inside the bundle"),
+        (["--out", str(tmp_path / "a"), "--manifest-sha256", "0" * 64], 1, "not the pinned"),
+    ]
+    for args, code, message in cases:
+        r = run_cli("triton", str(bundle), *args)
+        assert r.code == code and message in r.err and "Traceback" not in r.err, (args, r.err)
+    changed = tmp_path / "changed"
+    shutil.copytree(bundle, changed)
+    seg = read_manifest(changed).segments[-1].file
+    (changed / seg).write_bytes((changed / seg).read_bytes() + b"\0")
+    for flavour in ("python", "native"):
+        r = run_cli("triton", str(changed), "--out", str(tmp_path / "b"), "--flavour", flavour)
+        assert r.code == 1 and seg in r.err and "sha256" in r.err and "Traceback" not in r.err, r.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["changed", "taken"]  # no temp dirs left
+    assert not (bundle / "repo").exists()
