@@ -56,8 +56,13 @@ def unavailable_reason() -> str | None:
     except EnvironmentUnavailableError as e:
         return e.message
     stub = root / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}"
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     if not (stub / "triton_python_backend_stub").is_file():
-        return f"pytriton has no python-backend stub for Python {sys.version_info[0]}.{sys.version_info[1]}"
+        return f"pytriton has no python-backend stub for Python {version}"
+    import ctypes.util
+
+    if ctypes.util.find_library(f"python{version}") is None:  # the stub links the shared libpython
+        return f"the python-backend stub needs the shared library libpython{version}.so, not found here"
     return None
 
 
