@@ -141,7 +141,12 @@ def _native_flavour(manifest: Manifest, name: str, options: TritonOptions,
     segments = manifest.segments
     models = []
     if len(segments) == 1 and segments[0].role == "full":
-        models.append(_segment_model(manifest, segments[0], name, repo, notes, options.max_batch_size))
+        seg = segments[0]
+        # flat rows: every input and output leads with the batch axis, which Triton's batcher may concatenate
+        batched = all(s.shape and s.shape[0] == "batch" for s in (*seg.inputs, *seg.outputs))
+        models.append(_segment_model(manifest, seg, name, repo, notes, options.max_batch_size if batched else 0))
+        notes.append("one model on flat rows (the user inputs repeated per candidate, no user_index)"
+                     + (", dynamic batching on the batch axis" if batched else ""))
         return models, notes
     produced = {s.name for seg in segments for s in seg.outputs}
     for seg in segments:

@@ -99,6 +99,26 @@ def test_native_repository(which: str, request: pytest.FixtureRequest, tmp_path:
     assert any("recomputed on every request" in n for n in summary["notes"]) == bool(manifest.data["caches"])
 
 
+def test_native_unsplit_bundle_batches_dynamically(tiny_bundle: Path, tmp_path: Path) -> None:
+    """An unsplit bundle: one onnxruntime_onnx model on flat rows, dynamic batching on its batch axis
+    (dims without it), its config equal to the ONNX file's inputs and outputs."""
+    import onnxruntime as ort
+
+    manifest = read_manifest(tiny_bundle)
+    r = run_cli("triton", str(tiny_bundle), "--out", str(tmp_path / "repo"), "--flavour", "native",
+                "--name", "rm", "--max-batch-size", "512")
+    assert r.code == 0, r.err
+    assert [p.parent.name for p in (tmp_path / "repo").glob("*/config.pbtxt")] == ["rm"]
+    cfg = parse(tmp_path / "repo" / "rm" / "config.pbtxt")
+    assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 512 and cfg.HasField("dynamic_batching")
+    sess = ort.InferenceSession(str(tmp_path / "repo" / "rm" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for declared, actual in ((cfg.input, sess.get_inputs()), (cfg.output, sess.get_outputs())):
+        assert [(t.name, list(t.dims)) for t in declared] == [(a.name, list(a.shape[1:])) for a in actual]
+        assert all(not isinstance(a.shape[0], int) for a in actual)  # the batch axis is dynamic in the file
+    assert sha256(tmp_path / "repo" / "rm" / "1" / "model.onnx") == manifest.data["files"][manifest.segments[0].file]
+    assert "dynamic batching on the batch axis" in r.out
+
+
 @pytest.mark.parametrize("which", BUNDLES)
 def test_python_repository(which: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     """One python-backend model: the bundle's inputs, user_index and an optional user_id; the
