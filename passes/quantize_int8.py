@@ -6,7 +6,7 @@ make it faster there; only cheaper arithmetic does. This pass rewrites every ``M
 whose weight is a float32 initializer into ONNX Runtime's integer GEMM:
 
     x [.., M, K] float ─► ReduceMax(|x|, last axis) / 127 = s_row [.., M, 1]          (per-row)
-                       ─► Round(x / s_row) + 128 → uint8 (zero point 128)
+                       ─► QuantizeLinear(x, s_row, 128, axis=-1, block_size=K) → uint8
                        ─► com.microsoft MatMulIntegerToFloat(x_u8, W_s8, 1, s_w, 128) [.., M, N]
                        ─► × s_row  (─► + bias for a Gemm)
 
@@ -19,7 +19,8 @@ without VNNI sums pairs of u8·s8 products in int16 (``vpmaddubsw``), which satu
 per row by default (the finest scale one integer GEMM allows: a row is what is summed over).
 
 Measured kernel choices (this repository's README, "--precision int8") decided the form: fused
-``MatMulIntegerToFloat`` beats ``MatMulInteger`` + ``Cast`` + ``Mul``; u8×s8 beats u8×u8 and s8×s8.
+``MatMulIntegerToFloat`` beats ``MatMulInteger`` + ``Cast`` + ``Mul``; u8×s8 beats u8×u8 and s8×s8;
+one blocked ``QuantizeLinear`` (opset 21, one block per row) beats ``Div``/``Round``/``Add``/``Cast``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ MS_DOMAIN = "com.microsoft"
 #: Name patterns of the head / towers (``skip_head``), as quantize-w8a16's.
 HEAD_PATTERNS = ("head.*", "*.head.*", "*tower*")
 #: The ONNX Runtime kernels this pass's graph runs (reported; the README says which MLAS path).
-KERNELS = {"per-row": ["Abs", "ReduceMax", "Div", "Round", "Cast(uint8)", "MatMulIntegerToFloat (u8 x s8)", "Mul"],
+KERNELS = {"per-row": ["Abs", "ReduceMax", "QuantizeLinear (blocked, one block per row)",
+                       "MatMulIntegerToFloat (u8 x s8)", "Mul"],
            "per-tensor": ["DynamicQuantizeLinear", "MatMulIntegerToFloat (u8 x s8)"]}
 
 
@@ -180,15 +182,16 @@ class _Graph:
         return helper.make_node(op, inputs, outputs, self.name(base), domain=domain, **attrs)
 
 
-def _quantize_activation(x: str, mode: str, gb: _Graph) -> tuple[list[onnx.NodeProto], list[str], str | None]:
-    """Nodes quantizing ``x``; (nodes, [x_u8, a_scale, a_zero_point], row scale or None)."""
+def _quantize_activation(x: str, k: int, mode: str, gb: _Graph) -> tuple[list[onnx.NodeProto], list[str], str | None]:
+    """Nodes quantizing ``x`` (last axis ``k``); (nodes, [x_u8, a_scale, a_zero_point], row scale or None)."""
     out = gb.name(f"{x}.u8")
     if mode == "per-tensor":
         scale, zp = gb.name(f"{x}.scale"), gb.name(f"{x}.zero_point")
         return [gb.node("DynamicQuantizeLinear", [x], [out, scale, zp], f"{x}_DynamicQuantizeLinear")], \
             [out, scale, zp], None
-    absx, amax, s0, rs, xd, xr, xa = (gb.name(f"{x}.{s}") for s in ("abs", "amax", "s0", "row_scale", "div", "round",
-                                                                    "shift"))
+    absx, amax, s0, rs, shape, zps = (gb.name(f"{x}.{s}") for s in ("abs", "amax", "s0", "row_scale", "scale_shape",
+                                                                     "zero_points"))
+    zp = gb.const("zp_u8", np.array(ZERO_POINT, np.uint8))
     nodes = [
         gb.node("Abs", [x], [absx], f"{x}_Abs"),
         gb.node("ReduceMax", [absx, gb.const("axes_last", np.array([-1], np.int64))], [amax], f"{x}_ReduceMax",
@@ -197,14 +200,13 @@ def _quantize_activation(x: str, mode: str, gb: _Graph) -> tuple[list[onnx.NodeP
         # an all-zero row: any positive scale gives q = 0 (the max keeps the division finite)
         gb.node("Max", [s0, gb.const("tiny", np.array(np.finfo(np.float32).tiny, np.float32))], [rs],
                 f"{x}_ScaleFloor"),
-        gb.node("Div", [x, rs], [xd], f"{x}_Div"),
-        gb.node("Round", [xd], [xr], f"{x}_Round"),
-        gb.node("Add", [xr, gb.const("zp_f", np.array(ZERO_POINT, np.float32))], [xa], f"{x}_Shift"),
-        gb.node("Cast", [xa], [out], f"{x}_Cast", to=TensorProto.UINT8),
+        # blocked QuantizeLinear wants a zero point shaped like its scale
+        gb.node("Shape", [rs], [shape], f"{x}_ScaleShape"),
+        gb.node("Expand", [zp, shape], [zps], f"{x}_ZeroPoints"),
+        # one block per row: round(x / s_row) + 128, saturated to uint8, in one pass over x
+        gb.node("QuantizeLinear", [x, rs, zps], [out], f"{x}_QuantizeLinear", axis=-1, block_size=k),
     ]
-    one = gb.const("one", np.array(1.0, np.float32))
-    zp = gb.const("zp_u8", np.array(ZERO_POINT, np.uint8))
-    return nodes, [out, one, zp], rs
+    return nodes, [out, gb.const("one", np.array(1.0, np.float32)), zp], rs
 
 
 def _quantize_model(model: onnx.ModelProto, options: Options, segment: str
@@ -237,7 +239,7 @@ def _quantize_model(model: onnx.ModelProto, options: Options, segment: str
             node = g.node[i]
             x, y = node.input[0], node.output[0]
             if x not in quantized_x:
-                nodes, ins, rs = _quantize_activation(x, options.activations, gb)
+                nodes, ins, rs = _quantize_activation(x, kn.shape[-2], options.activations, gb)
                 before.setdefault(i, []).extend(nodes)
                 quantized_x[x] = (ins, rs)
             (xq, a_scale, a_zp), rs = quantized_x[x]
