@@ -265,11 +265,14 @@ def replay(case: Case, forced: Mapping[str, int] | None = None) -> Case:
 
 
 def generate_cases(count: int, seed: int, limit: int | None = None, families: Sequence[str] | None = None,
-                   forced: Mapping[str, int] | None = None, start: int = 0) -> list[Case]:
+                   forced: Mapping[str, int] | None = None, start: int = 0, with_pass: str | None = None
+                   ) -> list[Case]:
     """Cases ``start .. start+count-1``, cycling through every (family, passes) combination; case
-    ``i`` depends only on ``(seed, i)``, so one can be re-run alone. ``limit`` keeps each draw among
-    its first options; ``forced`` fixes some choices (e.g. ``{"layers": 0}``: one layer)."""
-    combos = [c for c in combinations() if families is None or c[0] in families]
+    ``i`` depends only on ``(seed, i)`` (and the filters), so one can be re-run alone. ``limit`` keeps
+    each draw among its first options; ``forced`` fixes some choices (e.g. ``{"layers": 0}``: one
+    layer); ``families`` and ``with_pass`` keep the combinations of those families / with that pass."""
+    combos = [c for c in combinations() if (families is None or c[0] in families)
+              and (with_pass is None or with_pass in c[1])]
     out = []
     for i in range(start, start + count):
         family, passes = combos[i % len(combos)]
