@@ -4,6 +4,7 @@ the real export of the tiny rankmixer and on the small ONNX model holding every 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +148,21 @@ def test_preconditions_say_what_was_found(rm_bundle: Bundle, source: Source) -> 
     with pytest.raises(BadInputError, match="every candidate weight was skipped"):
         quantize_int8(rm_bundle, Options(skip=("*",)))
     assert PASS.name == "quantize-int8" and PASS.stage == "onnx"
+
+
+def test_precision_int8_build_verifies_auc_and_ranking_on_movielens(ml_ckpt: Path, tmp_path: Path) -> None:
+    """``--precision int8`` end to end on a model trained on MovieLens: the manifest records int8
+    and the pass, verify gates |ΔAUC| and the mean Kendall tau, the ledger shows the pass's error."""
+    from tests.cli_helpers import run_cli
+
+    out = tmp_path / "q"
+    r = run_cli("build", str(ml_ckpt), "--precision", "int8", "--no-bench", "--out", str(out), "--json")
+    assert r.code == 0, r.err
+    parity = json.loads(r.out)["parity"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "int8" and [p["name"] for p in manifest["passes"]] == ["quantize-int8"]
+    gate = parity["metrics"]["gate"]
+    assert gate["passed"] and gate["max_abs_delta_auc"] == 1e-3 and gate["min_kendall_tau_mean"] == 0.98
+    assert abs(parity["metrics"]["auc"]["delta"]) <= 1e-3 and parity["metrics"]["ranking"]["kendall_tau_mean"] >= 0.98
+    ledger = {row["stage"]: row["outputs"][0]["max_rel"] for row in parity["ledger"]}
+    assert ledger["onnx export"] < 1e-5 < ledger["pass quantize-int8"] < 0.1  # the error is the pass's
