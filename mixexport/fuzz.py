@@ -33,6 +33,7 @@ import numpy as np
 T = TypeVar("T")
 
 SPLIT, KV, PACK, QUANT = "split-user-item", "extract-kv-cache", "pack-moe-experts", "quantize-w8a16"
+INT8 = "quantize-int8"  # what --precision int8 adds
 #: Every applicable pass combination per family (pipeline order): none, each program pass, and
 #: quantize-w8a16 alone and after it. tokenmixer-large's combinations with pack-moe-experts force
 #: ``moe=True``; the others draw ``moe`` too (dense tokenmixer-large: [] and [quantize]).
@@ -43,6 +44,15 @@ COMBOS: dict[str, tuple[tuple[str, ...], ...]] = {
     "rankmixer-moe": ((), (PACK,), (QUANT,), (PACK, QUANT)),
     "tokenmixer-large": ((), (PACK,), (QUANT,), (PACK, QUANT)),
 }
+#: int8 compute (``--precision int8``) after each family's serving pass: listed after every COMBOS
+#: combination, so the indices of those (and the CI slice's cases of them) are unchanged.
+INT8_COMBOS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "rankmixer": ((INT8,),),
+    "ugsep": ((SPLIT, INT8),),
+    "longer": ((KV, INT8),),
+    "rankmixer-moe": ((PACK, INT8),),
+    "tokenmixer-large": ((PACK, INT8),),
+}
 USER_INDEX_MODES = ("interleaved", "blocks", "random", "first-user")
 #: Smallest normalised width (LayerNorm/RMSNorm) of cases with quantize-w8a16. A norm over 1-2
 #: values is a (near) sign function: any weight rounding can flip it, so w8a16's 5e-2 tolerance
@@ -52,7 +62,8 @@ QUANT_MIN_WIDTH = 8
 
 def combinations() -> list[tuple[str, tuple[str, ...]]]:
     """Every (family, passes) pair the fuzzer covers, in a fixed order."""
-    return [(family, passes) for family, combos in COMBOS.items() for passes in combos]
+    return [(family, passes) for table in (COMBOS, INT8_COMBOS) for family, combos in table.items()
+            for passes in combos]
 
 
 class Chooser:
@@ -238,9 +249,9 @@ def make_case(family: str, passes: tuple[str, ...], choose: Chooser, seed: int) 
     """Draw one case of ``family`` with ``passes`` (a config every pass applies to)."""
     from mixexport.models.common import config_to_dict
 
+    quantized = QUANT in passes or INT8 in passes
     config, seq_len = SAMPLERS[family](choose, moe=True if PACK in passes else None,
-                                       min_width=QUANT_MIN_WIDTH if QUANT in passes else 1,
-                                       quantized=QUANT in passes)
+                                       min_width=QUANT_MIN_WIDTH if quantized else 1, quantized=quantized)
     users = choose("users", (1, 2, 3, 5))
     candidates = choose("candidates", (1, 7, 2, 16, 33, 64))
     mode = choose("user_index", USER_INDEX_MODES)
@@ -254,11 +265,14 @@ def replay(case: Case, forced: Mapping[str, int] | None = None) -> Case:
 
 
 def generate_cases(count: int, seed: int, limit: int | None = None, families: Sequence[str] | None = None,
-                   forced: Mapping[str, int] | None = None, start: int = 0) -> list[Case]:
+                   forced: Mapping[str, int] | None = None, start: int = 0, with_pass: str | None = None
+                   ) -> list[Case]:
     """Cases ``start .. start+count-1``, cycling through every (family, passes) combination; case
-    ``i`` depends only on ``(seed, i)``, so one can be re-run alone. ``limit`` keeps each draw among
-    its first options; ``forced`` fixes some choices (e.g. ``{"layers": 0}``: one layer)."""
-    combos = [c for c in combinations() if families is None or c[0] in families]
+    ``i`` depends only on ``(seed, i)`` (and the filters), so one can be re-run alone. ``limit`` keeps
+    each draw among its first options; ``forced`` fixes some choices (e.g. ``{"layers": 0}``: one
+    layer); ``families`` and ``with_pass`` keep the combinations of those families / with that pass."""
+    combos = [c for c in combinations() if (families is None or c[0] in families)
+              and (with_pass is None or with_pass in c[1])]
     out = []
     for i in range(start, start + count):
         family, passes = combos[i % len(combos)]
@@ -336,6 +350,8 @@ def run_case(case: Case, workdir: str | Path, keep: bool = False, engines: str |
     """Checkpoint → build (verify included) → score the case's request. With ``engines``
     (``tensorrt-rtx``: no GPU needed) the build targets that TensorRT backend, as a user's would:
     its engines are built, and where they cannot run the ONNX segments are verified and scored.
+    ``quantize-int8`` cases build for ONNX Runtime CPU whatever ``engines`` says (int8 compute is
+    a CPU target; the result says so under ``engines_skipped``).
     Never raises for a failure of the case: the result says ``passed``, the ``stage`` reached and
     every error; the bundle is deleted unless ``keep`` or the case failed."""
     from mixexport.pipeline import BuildOptions, build
@@ -349,6 +365,9 @@ def run_case(case: Case, workdir: str | Path, keep: bool = False, engines: str |
     try:
         ckpt = _checkpoint(case, work / f"model-{case.seed}.pt")
         stage = "build"
+        if engines and INT8 in case.passes:
+            result["engines_skipped"] = "quantize-int8 builds integer GEMMs for ONNX Runtime CPU only"
+            engines = None
         target = {"target": ENGINE_TARGETS[engines], "device": "cuda"} if engines else {}
         built = build(ckpt, BuildOptions(out=out, passes=case.passes, bench=False, metrics=False, force=True,
                                          **target))

@@ -24,6 +24,7 @@ from mixexport.export import EXTERNAL_DATA_THRESHOLD, op_histogram, save_onnx, t
 from mixexport.passes import PassInfo, PassResult
 from mixexport.passes.options import build_options, check_specs, split_specs
 from mixexport.passes.order import ORDER, pass_by_name
+from mixexport.precision import PASS_PRECISIONS
 from mixexport.runtime import Runtime
 from mixexport.source import Source, export_program, load_source
 from mixexport.specs import Request
@@ -70,7 +71,7 @@ class BuildOptions:
     keep_failed: bool = False
     dump_after: str | None = None
     external_threshold: int = EXTERNAL_DATA_THRESHOLD
-    precision: str = "fp32"                    # fp32 | fp16 | bf16: cast at export (mixexport.precision)
+    precision: str = "fp32"                    # fp32 | fp16 | bf16: cast at export; int8: quantize-int8 pass
     shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # TensorRT profiles per axis
     version_compatible: bool = False           # TensorRT: BuilderFlag.VERSION_COMPATIBLE
     arch: tuple[str, ...] = ()                 # TensorRT-RTX: compute capabilities to build for
@@ -269,11 +270,12 @@ def _load(checkpoint: str | Path, options: BuildOptions, say: Progress) -> _Plan
     backend = get_backend(TARGETS[options.target], options.device, for_build=True,
                           settings={"shapes": options.shapes, "version_compatible": options.version_compatible,
                                     "arch": options.arch})
+    _check_precision_target(options)
     check_out_dir(Path(options.out), options.force)
     check_specs(options.pass_options)  # a misspelled --option fails before the model loads
     say("loading model")
     source = load_source(checkpoint, options.roles)
-    passes = select_passes(source, options.passes)
+    passes = select_passes(source, _with_precision_pass(source, options))
     if options.dump_after not in (None, "export", *(p.name for p in passes)):
         raise BadInputError(f"--dump-after {options.dump_after!r}: not a pass of this build",
                             f"choose one of {['export', *(p.name for p in passes)]}")
@@ -286,6 +288,21 @@ def _load(checkpoint: str | Path, options: BuildOptions, say: Progress) -> _Plan
     with Runtime.reference(source) as reference:
         expected = reference.score(request)
     return _Plan(options, say, backend, source, passes, pass_options, request, expected)
+
+
+def _with_precision_pass(source: Source, options: BuildOptions) -> tuple[str, ...]:
+    """The passes asked for (or the family's defaults), plus ``quantize-int8`` for ``--precision int8``."""
+    names = tuple(source.default_passes if options.passes is None else options.passes)
+    extra = PASS_PRECISIONS.get(options.precision)
+    return names + (extra,) if extra and extra not in names else names
+
+
+def _check_precision_target(options: BuildOptions) -> None:
+    if options.precision in PASS_PRECISIONS and (options.target != "onnx" or options.device != "cpu"):
+        raise BadInputError(f"--precision {options.precision} builds integer GEMMs for ONNX Runtime on CPU; "
+                            f"found --target {options.target} --device {options.device}",
+                            "use --target onnx --device cpu, or --passes quantize-w8a16 (int8 weights) "
+                            "for the other targets")
 
 
 def _export(plan: _Plan) -> Bundle:

@@ -17,6 +17,10 @@ per-precision tolerances of :mod:`mixexport.verification.compare`.
 Runtime support on CPU (measured on the tiny rankmixer, onnxruntime 1.32): fp16 ONNX runs in ONNX
 Runtime's CPU provider; bf16 ONNX does not (no CPU kernel for bf16 ``Mul``), so bf16 bundles need
 the CUDA provider or ``--target aoti``; AOTInductor runs both on CPU.
+
+``int8`` is of another kind: the program stays float32 and the build adds the ONNX pass
+``quantize-int8`` (int8 weights and activations, integer GEMMs: :mod:`mixexport.passes.quantize_int8`),
+so it needs an ONNX Runtime target on CPU; the pass sets the bundle's precision to ``int8``.
 """
 
 from __future__ import annotations
@@ -30,14 +34,17 @@ import numpy as np
 from mixexport.bundle import Bundle
 from mixexport.errors import BadInputError
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+#: Precisions reached by an ONNX pass rather than by casting the program: ``int8`` keeps the
+#: program float32 and adds ``quantize-int8`` (integer GEMMs on ONNX Runtime CPU).
+PASS_PRECISIONS = {"int8": "quantize-int8"}
 
 
 def torch_dtype(precision: str) -> Any:
     """The torch dtype of a ``--precision`` value."""
     import torch
 
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
     try:
         return table[precision]
     except KeyError:
@@ -129,9 +136,10 @@ def cast_bundle(bundle: Bundle, precision: str) -> Bundle:
     """The program-stage bundle with every segment's program cast to ``precision``.
 
     Runs before any pass (the bundle must be at the program stage). ``fp32`` returns the bundle as
-    it is. Example inputs for the re-export come from the source (valid ids, batch 5).
+    it is, and so does ``int8`` (its pass, ``quantize-int8``, quantizes the float32 ONNX). Example
+    inputs for the re-export come from the source (valid ids, batch 5).
     """
-    if precision == "fp32":
+    if precision in ("fp32", *PASS_PRECISIONS):
         return bundle
     torch_dtype(precision)  # unknown names fail before any work
     if bundle.stage != "program":

@@ -114,9 +114,39 @@ class QuantizeW8A16Options:
                                 "e.g. --option quantize-w8a16.skip='*router*,head.*'")
 
 
+#: Activation scales of ``quantize-int8``: one per row (the last axis is the reduction axis K) or one
+#: per tensor (ONNX ``DynamicQuantizeLinear``).
+ACTIVATIONS = ("per-row", "per-tensor")
+
+
+@dataclass(frozen=True)
+class QuantizeInt8Options:
+    """Options of ``quantize-int8`` (what ``--precision int8`` runs).
+
+    activations: ``per-row`` (default): every row of a MatMul's input (its last axis is the one
+        summed over) gets its own scale, ``max|row| / 127``, computed at run time; ``per-tensor``:
+        one scale and zero point per call (``DynamicQuantizeLinear``), cheaper to compute but a
+        single outlier row coarsens every other row (measured in the README).
+    skip: shell-style name patterns (fnmatch) of weights to keep in float; routers by default (a
+        flipped top-k decision moves a logit by a whole expert's output).
+    skip_head: also keep the head / towers in float.
+    """
+
+    activations: str = "per-row"
+    skip: tuple[str, ...] = ("*router*",)
+    skip_head: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("quantize-int8", "activations mode", "activations", self.activations, ACTIVATIONS)
+        if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
+            raise BadInputError(f"quantize-int8: skip must be a tuple of name patterns, found {self.skip!r}",
+                                "e.g. --option quantize-int8.skip='*router*,head.*'")
+
+
 #: The CLI's pass names → their options (the same classes as the pass table's ``PassInfo.options``).
 BY_PASS: dict[str, type] = {"pack-moe-experts": PackMoeExpertsOptions, "split-user-item": SplitUserItemOptions,
-                            "extract-kv-cache": ExtractKvCacheOptions, "quantize-w8a16": QuantizeW8A16Options}
+                            "extract-kv-cache": ExtractKvCacheOptions, "quantize-w8a16": QuantizeW8A16Options,
+                            "quantize-int8": QuantizeInt8Options}
 
 
 def split_specs(specs: tuple[str, ...] | list[str]) -> dict[str, dict[str, str]]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -21,32 +19,19 @@ from onnx import TensorProto, helper, numpy_helper
 from mixexport.backends.onnxruntime import DEFAULT_OPTIONS
 from mixexport.bundle import Bundle
 from mixexport.errors import BadInputError, PreconditionError
+from mixexport.int8_weights import (FLOAT_TYPES, Weight, candidates, describe_b, nbytes, opset, quantize_array,
+                                     unique_name, weight_errors)
 from mixexport.passes import PassInfo, PassResult
 from mixexport.passes.options import EMBEDDINGS, GRANULARITIES
 from mixexport.passes.options import QuantizeW8A16Options as Options
 
 #: Name patterns of the head / towers (``skip_head``): the reference families' ``head.towers.*``.
 HEAD_PATTERNS = ("head.*", "*.head.*", "*tower*")
-#: Float dtypes DequantizeLinear (opset 21) can output: the scale carries the compute dtype.
-FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16,
-               TensorProto.BFLOAT16: ml_dtypes.bfloat16}
-OTHER_FLOATS = {TensorProto.DOUBLE}  # left float (DequantizeLinear cannot output it), reason reported
 MIN_OPSET = 21  # blocked DequantizeLinear (block_size) is opset 21
-QMAX = 127      # symmetric: [-127, 127], so -q is always representable and zero is exact
 #: ORT keeps this pass's graph as-is under the bundle's session options
 #: (mixexport.backends.onnxruntime.DEFAULT_OPTIONS): they disable the QDQ selector/action
 #: transformer (which rewrites 2-D [K,N] / Gemm(transB=0) weights into MatMulNBits) and pin the
 #: MatMulNBits accuracy level to 0 (float activations; ORT's default, 4, would make it W8A8).
-
-
-@dataclass(frozen=True)
-class _Weight:
-    """A float initializer and how the graph reads it."""
-
-    name: str
-    kind: str                 # "matmul" (B of MatMul), "gemm" (B of Gemm) or "embedding" (Gather data)
-    consumers: tuple[int, ...]
-    trans_b: bool = False
 
 
 def requires(bundle: Bundle) -> None:
@@ -55,14 +40,14 @@ def requires(bundle: Bundle) -> None:
         raise PreconditionError(f"quantize-w8a16 works on ONNX segments; found a {bundle.stage}-stage bundle")
     found, seen = [], set()
     for seg in bundle.segments:
-        opset = _opset(seg.onnx)
-        if opset < MIN_OPSET:
+        version = opset(seg.onnx)
+        if version < MIN_OPSET:
             raise PreconditionError(f"quantize-w8a16 needs ONNX opset >= {MIN_OPSET} (blocked DequantizeLinear); "
-                                    f"segment {seg.name!r} has opset {opset}", "export with opset 21")
-        weights, _ = _candidates(seg.onnx)
+                                    f"segment {seg.name!r} has opset {version}", "export with opset 21")
+        weights, _ = candidates(seg.onnx)
         found += [w for w in weights if w.kind != "embedding"]
         inits = {t.name: t for t in seg.onnx.graph.initializer}
-        seen |= {_describe_b(n, inits) for n in seg.onnx.graph.node if n.op_type in ("MatMul", "Gemm")}
+        seen |= {describe_b(n, inits) for n in seg.onnx.graph.node if n.op_type in ("MatMul", "Gemm")}
     if not found:
         raise PreconditionError(
             "quantize-w8a16 expected at least one MatMul/Gemm whose weight (B) input is a float "
@@ -137,89 +122,6 @@ def quantize_w8a16(bundle: Bundle, options: Options) -> PassResult:
 # --------------------------------------------------------------------------------------------
 # finding the weights
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _describe_b(node: onnx.NodeProto, inits: dict[str, TensorProto]) -> str:
-    if len(node.input) < 2:
-        return "absent"
-    t = inits.get(node.input[1])
-    if t is None:
-        return "activations"
-    return f"{TensorProto.DataType.Name(t.data_type)} initializers"
-
-
-def _subgraph_names(model: onnx.ModelProto) -> set[str]:
-    """Every name read inside a subgraph (If/Loop/Scan bodies): those weights stay float."""
-    names: set[str] = set()
-
-    def visit(graph: onnx.GraphProto, inside: bool) -> None:
-        for node in graph.node:
-            if inside:
-                names.update(node.input)
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                    visit(sub, True)
-
-    visit(model.graph, False)
-    return names
-
-
-def _candidates(model: onnx.ModelProto) -> tuple[list[_Weight], list[dict[str, str]]]:
-    """Float initializers read only as MatMul/Gemm B or Gather data, and why others are left out."""
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    uses: dict[str, list[tuple[int, int]]] = {}
-    for i, node in enumerate(g.node):
-        for j, name in enumerate(node.input):
-            if name in inits:
-                uses.setdefault(name, []).append((i, j))
-    io = {v.name for v in list(g.input) + list(g.output)}
-    in_subgraph = _subgraph_names(model)
-    weights, rejected = [], []
-    for name, use in uses.items():
-        roles = {_role(g.node[i], j) for i, j in use}
-        t = inits[name]
-        if roles == {None} or t.data_type not in (*FLOAT_TYPES, *OTHER_FLOATS):
-            continue  # biases, norms, shape constants, integer tables: not float weights
-        reason = None
-        if None in roles:
-            reason = "also read by a node that is not a MatMul/Gemm weight or Gather table input"
-        elif len(roles) > 1:
-            reason = "read with different layouts (MatMul/Gemm transB/Gather)"
-        elif t.data_type not in FLOAT_TYPES:
-            reason = f"dtype {TensorProto.DataType.Name(t.data_type)} (float32/float16/bfloat16 only)"
-        elif name in io or name in in_subgraph:
-            reason = "a graph input/output or read inside a subgraph"
-        elif t.data_location == TensorProto.EXTERNAL:
-            reason = "external data not loaded"
-        if reason:
-            rejected.append({"name": name, "reason": reason})
-            continue
-        kind, trans_b = next(iter(roles))
-        rank = len(t.dims)
-        if (kind == "embedding" and rank != 2) or (kind == "gemm" and rank != 2) or rank < 2:
-            rejected.append({"name": name, "reason": f"{kind} weight of rank {rank}"})
-            continue
-        weights.append(_Weight(name, kind, tuple(i for i, _ in use), trans_b))
-    weights.sort(key=lambda w: w.consumers[0])  # graph (topological) order: first/last layer
-    return weights, rejected
-
-
-def _role(node: onnx.NodeProto, index: int) -> tuple[str, bool] | None:
-    if node.domain not in ("", "ai.onnx"):
-        return None
-    if node.op_type == "MatMul" and index == 1:
-        return ("matmul", False)
-    if node.op_type == "Gemm" and index == 1:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        return ("gemm", bool(attrs.get("transB", 0)))
-    if node.op_type == "Gather" and index == 0:
-        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-        return ("embedding", False) if axis == 0 else None
-    return None
-
 
 # --------------------------------------------------------------------------------------------
 # quantizing
@@ -238,25 +140,7 @@ def _layout(kind: str, trans_b: bool, rank: int, granularity: str) -> tuple[tupl
     return (rank - 2,), {"axis": rank - 2}  # per token and channel: blocked over D
 
 
-def quantize_array(w: np.ndarray, reduce: tuple[int, ...], dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8: ``scale = max|w| / 127`` over ``reduce`` (kept as size-1 dims, rounded to
-    ``dtype`` before use so that ``q * scale`` is exactly what DequantizeLinear computes)."""
-    w32 = w.astype(np.float32)
-    amax = np.max(np.abs(w32), axis=reduce, keepdims=True)
-    scale = (amax / QMAX).astype(dtype).astype(np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0))  # all-zero channel: q = 0 with any scale
-    q = np.clip(np.rint(w32 / scale), -QMAX, QMAX).astype(np.int8)
-    return q, scale.astype(dtype)
-
-
-def _errors(w: np.ndarray, q: np.ndarray, scale: np.ndarray) -> tuple[float, float]:
-    w64 = w.astype(np.float64)
-    diff = w64 - q.astype(np.float64) * scale.astype(np.float64)
-    norm = float(np.linalg.norm(w64))
-    return (float(np.linalg.norm(diff)) / norm if norm else 0.0), float(np.abs(diff).max(initial=0.0))
-
-
-def _skip_reason(w: _Weight, options: Options, first: str | None, last: str | None) -> str | None:
+def _skip_reason(w: Weight, options: Options, first: str | None, last: str | None) -> str | None:
     patterns = options.skip + (HEAD_PATTERNS if options.skip_head else ())
     hit = next((p for p in patterns if fnmatch.fnmatchcase(w.name, p)), None)
     if hit:
@@ -270,22 +154,7 @@ def _skip_reason(w: _Weight, options: Options, first: str | None, last: str | No
     return None
 
 
-def _nbytes(t: TensorProto) -> int:
-    if t.raw_data:
-        return len(t.raw_data)
-    return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    out, i = name, 0
-    while out in taken:
-        i += 1
-        out = f"{name}_{i}"
-    taken.add(out)
-    return out
-
-
-def _quantize_weight(arr: np.ndarray, w: _Weight, gran: str, dtype: type, form: str = "gather-first"
+def _quantize_weight(arr: np.ndarray, w: Weight, gran: str, dtype: type, form: str = "gather-first"
                      ) -> tuple[np.ndarray, np.ndarray, dict[str, int], np.ndarray]:
     """(int8 values, scale as stored, DequantizeLinear attributes, scale with the weight's rank)."""
     rank = arr.ndim
@@ -308,12 +177,12 @@ def _gather_nodes(node: onnx.NodeProto, q_name: str, s_name: str, per_row: bool,
                   taken: set[str]) -> list[onnx.NodeProto]:
     """``Gather(table, idx)`` → ``Gather(int8, idx)`` [+ ``Gather(row scales, idx)``] → DequantizeLinear."""
     idx, out = node.input[1], node.output[0]
-    rows_q, rows_s = _unique(f"{out}.int8", taken), _unique(f"{out}.scale", taken)
-    nodes = [helper.make_node("Gather", [q_name, idx], [rows_q], _unique(f"{node.name}_int8", taken), axis=0)]
+    rows_q, rows_s = unique_name(f"{out}.int8", taken), unique_name(f"{out}.scale", taken)
+    nodes = [helper.make_node("Gather", [q_name, idx], [rows_q], unique_name(f"{node.name}_int8", taken), axis=0)]
     if per_row:
-        nodes.append(helper.make_node("Gather", [s_name, idx], [rows_s], _unique(f"{node.name}_scale", taken), axis=0))
+        nodes.append(helper.make_node("Gather", [s_name, idx], [rows_s], unique_name(f"{node.name}_scale", taken), axis=0))
     nodes.append(helper.make_node("DequantizeLinear", [rows_q, rows_s if per_row else s_name], [out],
-                                  _unique(f"{node.name}_dq", taken), **attrs))
+                                  unique_name(f"{node.name}_dq", taken), **attrs))
     return nodes
 
 
@@ -322,7 +191,7 @@ def _quantize_model(model: onnx.ModelProto, options: Options, segment: str, befo
     """Rewrite ``model`` (a private copy) in place; returns (layer reports, skipped weights) and adds
     the initializer bytes by kind to ``before``/``after``."""
     g = model.graph
-    weights, rejected = _candidates(model)
+    weights, rejected = candidates(model)
     skipped = [{"segment": segment, **s} for s in rejected]
     gemm_names = [w.name for w in weights if w.kind != "embedding"]
     first, last = (gemm_names[0], gemm_names[-1]) if gemm_names else (None, None)
@@ -343,13 +212,13 @@ def _quantize_model(model: onnx.ModelProto, options: Options, segment: str, befo
         arr = numpy_helper.to_array(t)
         gran = options.embeddings if w.kind == "embedding" else options.granularity
         q, scale, attrs, scale_kd = _quantize_weight(arr, w, gran, dtype, options.embedding_form)
-        rel, max_abs = _errors(arr, q, scale_kd)
-        q_name, s_name = _unique(f"{w.name}.int8", taken), _unique(f"{w.name}.scale", taken)
+        rel, max_abs = weight_errors(arr, q, scale_kd)
+        q_name, s_name = unique_name(f"{w.name}.int8", taken), unique_name(f"{w.name}.scale", taken)
         g.initializer.extend([numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name)])
         if w.kind == "embedding" and options.embedding_form == "dequantize-first":
-            deq = _unique(f"{w.name}.dequantized", taken)  # one DequantizeLinear, read by every Gather
+            deq = unique_name(f"{w.name}.dequantized", taken)  # one DequantizeLinear, read by every Gather
             before_node.setdefault(w.consumers[0], []).append(helper.make_node(
-                "DequantizeLinear", [q_name, s_name], [deq], _unique(f"{w.name}_DequantizeLinear", taken), **attrs))
+                "DequantizeLinear", [q_name, s_name], [deq], unique_name(f"{w.name}_DequantizeLinear", taken), **attrs))
             for i in w.consumers:
                 node = onnx.NodeProto()
                 node.CopyFrom(g.node[i])
@@ -360,16 +229,16 @@ def _quantize_model(model: onnx.ModelProto, options: Options, segment: str, befo
                 replace[i] = _gather_nodes(g.node[i], q_name, s_name, gran == "per-row", attrs, taken)
         else:  # one DequantizeLinear, named like the weight, so its readers are unchanged
             before_node.setdefault(w.consumers[0], []).append(helper.make_node(
-                "DequantizeLinear", [q_name, s_name], [w.name], _unique(f"{w.name}_DequantizeLinear", taken), **attrs))
+                "DequantizeLinear", [q_name, s_name], [w.name], unique_name(f"{w.name}_DequantizeLinear", taken), **attrs))
         alternatives = EMBEDDINGS[:2] if w.kind == "embedding" else GRANULARITIES
-        by_gran = {alt: _errors(arr, *quantize_array(arr, _layout(w.kind, w.trans_b, arr.ndim, alt)[0], dtype))[0]
+        by_gran = {alt: weight_errors(arr, *quantize_array(arr, _layout(w.kind, w.trans_b, arr.ndim, alt)[0], dtype))[0]
                    for alt in alternatives}
         layers.append({"segment": segment, "name": w.name, "int8": q_name, "scale": s_name,
                        "kind": w.kind if arr.ndim == 2 else "per-token", "shape": list(arr.shape),
                        "op": {"matmul": "MatMul", "embedding": "Gather"}.get(w.kind, f"Gemm(transB={int(w.trans_b)})"),
                        "dtype": TensorProto.DataType.Name(t.data_type), "granularity": gran,
                        "scale_shape": list(scale.shape), "dequantize": attrs,
-                       "bytes_before": _nbytes(t), "bytes_after": q.nbytes + scale.nbytes,
+                       "bytes_before": nbytes(t), "bytes_after": q.nbytes + scale.nbytes,
                        "rel_error": rel, "max_abs_error": max_abs, "rel_error_by_granularity": by_gran})
     nodes = []
     for i, node in enumerate(g.node):
@@ -392,7 +261,7 @@ def _base(layer: dict[str, Any]) -> str:
 def _count(tensors: Iterable[TensorProto], key: Callable[[TensorProto], str], into: dict[str, int]) -> None:
     for t in tensors:
         k = key(t)
-        into[k] = into.get(k, 0) + _nbytes(t)
+        into[k] = into.get(k, 0) + nbytes(t)
 
 
 def _error_summary(layers: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -34,6 +34,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--start", type=int, default=0, help="index of the first case (to resume or re-run one)")
     ap.add_argument("--out", type=Path, default=Path("fuzz-report.json"))
     ap.add_argument("--families", default="", help="comma-separated families (default: all)")
+    ap.add_argument("--with-pass", default=None, metavar="PASS",
+                    help="only the combinations that include PASS (e.g. quantize-int8)")
     ap.add_argument("--limit", type=int, default=None,
                     help="draw only among the first LIMIT options of every choice (small configs)")
     ap.add_argument("--budget", type=float, default=None,
@@ -106,7 +108,7 @@ def _run_all(cases: list[Case], work: Path, jobs: int, budget: float | None,
 def main() -> int:
     args = _parse()
     families = [f for f in args.families.split(",") if f] or None
-    cases = generate_cases(args.cases, args.seed, args.limit, families, start=args.start)
+    cases = generate_cases(args.cases, args.seed, args.limit, families, start=args.start, with_pass=args.with_pass)
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="mixexport-fuzz-")
     work = args.workdir or Path(tmp.name)  # type: ignore[union-attr]
     results: list[dict[str, Any]] = []

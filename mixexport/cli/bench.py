@@ -21,7 +21,9 @@ from mixexport.cli.options import (backend_option, checkpoint_option, device_opt
 @click.option("--users", default=1, show_default=True, type=click.IntRange(min=1), help="Users per request.")
 @click.option("--budget", default=2.0, show_default=True, type=click.FloatRange(min=0.0),
               help="Seconds of timing per N (at least 5 rounds).")
-@click.option("--peers", default="", metavar="P1,P2", help="Also time: compile (torch.compile), aoti, ort-default.")
+@click.option("--peers", default="", metavar="P1,P2",
+              help="Also time: compile (torch.compile), aoti, ort-default (stock ORT, fp32), "
+                   "ort-quantize-dynamic (stock ORT int8).")
 @click.option("--compare", multiple=True, type=click.Path(), metavar="BUNDLE",
               help="Also time another bundle of the same model (e.g. built --no-passes), in the same run.")
 @click.option("--cache-modes", is_flag=True, help="Also time per-user cache hits and appends (split/KV bundles).")

@@ -3,7 +3,15 @@ latency claim always stands next to what torch.compile, AOTInductor and stock ON
 
 - ``compile``: ``torch.compile`` (inductor) of the eager model;
 - ``aoti``: an AOTInductor package of the ``torch.export`` program, compiled here;
-- ``ort-default``: the bundle's ONNX with ONNX Runtime's default session options.
+- ``ort-default``: stock ONNX Runtime: the model's plain ONNX export (``torch.export`` → ONNX, fp32,
+  no passes, one segment) with ONNX Runtime's default session options;
+- ``ort-quantize-dynamic``: that ONNX through ``onnxruntime.quantization.quantize_dynamic`` with the
+  settings that run on mixer models (``per_channel=False``, int8 weights; ``per_channel=True`` fails
+  at run time on per-token ``[T,D,H]`` weights: "MatMulInteger : b zero point is not valid"), on
+  ONNX Runtime's defaults — what a user reaching for int8 on CPU gets today.
+
+The ONNX peers are exported here from the eager model, never taken from the bundle, so they are the
+same whatever passes or precision the bundle has (split, KV, int8 bundles included).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from mixexport.errors import BadInputError
 from mixexport.source import Source, export_program
 from mixexport.specs import Request
 
-PEERS = ("compile", "aoti", "ort-default")
+PEERS = ("compile", "aoti", "ort-default", "ort-quantize-dynamic")
 
 
 def _torch_runner(fn: Callable[..., Any], source: Source) -> Callable[[Request], Any]:
@@ -51,16 +59,42 @@ def make_peers(names: tuple[str, ...] | list[str], source: Source, manifest: Man
         pkg = Path(tempfile.mkdtemp(prefix="mixexport-aoti-")) / "model.pt2"
         torch._inductor.aoti_compile_and_package(program, package_path=str(pkg))
         out["aoti"] = _torch_runner(torch._inductor.aoti_load_package(str(pkg)), source)
-    if "ort-default" in names:
-        import onnxruntime as ort
-
-        full = [s for s in manifest.segments if s.role == "full"]
-        if not full:
-            raise BadInputError("peer ort-default needs a bundle with one full segment", "drop it for split bundles")
-        sess = ort.InferenceSession(str(manifest.file(full[0].file)), providers=["CPUExecutionProvider"])
-
-        def run_ort(req: Request) -> list[np.ndarray]:
-            return sess.run(None, req.rows())
-
-        out["ort-default"] = run_ort
+    onnx_peers = [n for n in ("ort-default", "ort-quantize-dynamic") if n in names]
+    if onnx_peers:
+        say("peer: plain ONNX export (fp32, no passes)")
+        tmp = Path(tempfile.mkdtemp(prefix="mixexport-ort-"))
+        plain = plain_onnx(source, tmp / "model.onnx")
+        if "ort-default" in names:
+            out["ort-default"] = _ort_runner(plain)
+        if "ort-quantize-dynamic" in names:
+            say("peer: onnxruntime.quantization.quantize_dynamic (per_channel=False)")
+            out["ort-quantize-dynamic"] = _ort_runner(quantize_dynamic_model(plain, tmp / "model.qdq.onnx"))
     return out
+
+
+def plain_onnx(source: Source, path: Path) -> Path:
+    """The model's ONNX as exported with no passes (fp32, one segment), saved at ``path``."""
+    from mixexport.export import save_onnx, to_onnx
+
+    request = source.example_request(2, 16, seed=0)
+    save_onnx(to_onnx(export_program(source), source.inputs, source.outputs, request.rows()), path)
+    return path
+
+
+def quantize_dynamic_model(model: Path, path: Path, per_channel: bool = False) -> Path:
+    """``onnxruntime.quantization.quantize_dynamic`` of ``model`` (int8 weights), saved at ``path``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(model), str(path), per_channel=per_channel, weight_type=QuantType.QInt8)
+    return path
+
+
+def _ort_runner(path: Path) -> Callable[[Request], Any]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(req: Request) -> list[np.ndarray]:
+        return sess.run(None, req.rows())
+
+    return run

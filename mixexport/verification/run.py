@@ -23,7 +23,10 @@ from mixexport.verification.metrics import metric_parity
 #: (users, candidates) of the generated requests checked besides the bundle's sample request.
 PARITY_REQUESTS = ((1, 1), (1, 7), (3, 7), (1, 256), (3, 256))
 #: |ΔAUC| gate per precision (RankMixer calls 1e-4 absolute significant).
-AUC_GATE = {"fp32": 1e-4, "fp16": 1e-3, "bf16": 1e-3, "w8a16": 1e-3}
+AUC_GATE = {"fp32": 1e-4, "fp16": 1e-3, "bf16": 1e-3, "w8a16": 1e-3, "int8": 1e-3}
+#: Smallest mean per-request Kendall tau (bundle vs eager ranking of each request's candidates) per
+#: precision, where one is gated: int8 rounds every GEMM input, so ranking agreement is checked too.
+TAU_GATE = {"int8": 0.98}
 Progress = Callable[[str], None]
 
 
@@ -209,9 +212,16 @@ def _metrics(source: Source, rt: Runtime, data: str | Path | None, precision: st
     gate = AUC_GATE.get(precision, AUC_GATE["fp32"])
     delta = abs(report["auc"]["delta"])
     ok = bool(delta <= gate)
+    message = f"|ΔAUC| {delta:.3g} {'<=' if ok else '>'} {gate:g} on {name}"
+    gates: dict[str, Any] = {"max_abs_delta_auc": gate}
+    if precision in TAU_GATE:
+        tau, need = report["ranking"]["kendall_tau_mean"], TAU_GATE[precision]
+        tau_ok = bool(tau >= need)  # NaN (no request with two candidates) fails
+        ok = ok and tau_ok
+        gates["min_kendall_tau_mean"] = need
+        message += f"; mean Kendall tau {tau:.4f} {'>=' if tau_ok else '<'} {need:g}"
     report.update(dataset=name, status="PASS" if ok else "FAIL", output=f"{first}[:, 0]",
-                  gate={"max_abs_delta_auc": gate, "passed": ok,
-                        "message": f"|ΔAUC| {delta:.3g} {'<=' if ok else '>'} {gate:g} on {name}"})
+                  gate={**gates, "passed": ok, "message": message})
     return report
 
 

@@ -81,6 +81,8 @@ def test_inspect_and_passes(ml_ckpt: Path, ml_bundle: Path) -> None:
     (["verify", "/nonexistent"], 2, "is not a bundle directory"),
     (["bench", "{ckpt}"], 2, "is not a bundle directory"),
     (["build", "{ckpt}", "--bogus"], 2, "No such option"),
+    (["build", "{ckpt}", "--precision", "int8", "--target", "aoti"], 2,
+     "--precision int8 builds integer GEMMs for ONNX Runtime on CPU; found --target aoti --device cpu"),
 ])
 def test_errors_are_one_line_with_exit_codes(tiny_ckpt: Path, tmp_path: Path, args: list[str], code: int,
                                              message: str, monkeypatch: pytest.MonkeyPatch) -> None:

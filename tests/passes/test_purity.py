@@ -45,6 +45,10 @@ def _quantize_changed(before: Bundle, result: PassResult) -> None:
     assert before.precision == "fp32" and result.bundle.precision == "w8a16"
 
 
+def _int8_changed(before: Bundle, result: PassResult) -> None:
+    assert before.precision == "fp32" and result.bundle.precision == "int8"
+
+
 #: pass name → (input bundle, options as keyword arguments, what the result must show)
 INPUTS: dict[str, tuple[Callable[[Path], Bundle], dict[str, Any], Callable[[Bundle, PassResult], None]]] = {
     "pack-moe-experts": (lambda tmp: _program_bundle(tmp, "rankmixer-moe"), {}, _pack_changed),
@@ -52,6 +56,7 @@ INPUTS: dict[str, tuple[Callable[[Path], Bundle], dict[str, Any], Callable[[Bund
     "extract-kv-cache": (lambda tmp: _program_bundle(tmp, "longer"), {}, _kv_changed),
     "quantize-w8a16": (lambda tmp: _onnx_bundle(tmp, "rankmixer"),
                        {"granularity": "per-tensor", "embeddings": "per-row"}, _quantize_changed),
+    "quantize-int8": (lambda tmp: _onnx_bundle(tmp, "rankmixer"), {"activations": "per-tensor"}, _int8_changed),
 }
 
 
