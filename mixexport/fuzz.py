@@ -35,13 +35,15 @@ T = TypeVar("T")
 SPLIT, KV, PACK, QUANT = "split-user-item", "extract-kv-cache", "pack-moe-experts", "quantize-w8a16"
 #: Every applicable pass combination per family (pipeline order): none, each program pass, and
 #: quantize-w8a16 alone and after it. tokenmixer-large's combinations with pack-moe-experts force
-#: ``moe=True``; the others draw ``moe`` too (dense tokenmixer-large: [] and [quantize]).
+#: ``moe=True``; the others draw ``moe`` too (dense tokenmixer-large: [] and [quantize]). mixformer's
+#: combinations with split-user-item force ``ui=True``; the others draw UI-MixFormer or plain MixFormer.
 COMBOS: dict[str, tuple[tuple[str, ...], ...]] = {
     "rankmixer": ((), (QUANT,)),
     "ugsep": ((), (SPLIT,), (QUANT,), (SPLIT, QUANT)),
     "longer": ((), (KV,), (QUANT,), (KV, QUANT)),
     "rankmixer-moe": ((), (PACK,), (QUANT,), (PACK, QUANT)),
     "tokenmixer-large": ((), (PACK,), (QUANT,), (PACK, QUANT)),
+    "mixformer": ((), (SPLIT,), (QUANT,), (SPLIT, QUANT)),
 }
 USER_INDEX_MODES = ("interleaved", "blocks", "random", "first-user")
 #: Smallest normalised width (LayerNorm/RMSNorm) of cases with quantize-w8a16. A norm over 1-2
@@ -115,9 +117,10 @@ class Case:
 
 
 # ------------------------------------------------------------------------------------------------
-# config samplers: one per family, ``(choose, moe=None, min_width=1, quantized=False) -> (Config,
-# request seq_len or None)``; ``moe`` forces tokenmixer-large's MoE on (pack-moe-experts), ``min_width``
-# bounds the normed widths and ``quantized`` marks quantize-w8a16 cases. Families without the knob ignore it.
+# config samplers: one per family, ``(choose, moe=None, min_width=1, quantized=False, split=False) ->
+# (Config, request seq_len or None)``; ``moe`` forces tokenmixer-large's MoE on (pack-moe-experts),
+# ``min_width`` bounds the normed widths, ``quantized`` marks quantize-w8a16 cases and ``split`` forces
+# mixformer's user/item heads (split-user-item). Families without the knob ignore it.
 
 def _schema(choose: Chooser, seq_len: int) -> Any:
     from mixexport.models.common import FeatureSchema
@@ -196,7 +199,7 @@ def sample_rankmixer_moe(choose: Chooser, moe: bool | None = None, min_width: in
 
 
 def sample_tokenmixer_large(choose: Chooser, moe: bool | None = None, min_width: int = 1,
-                            quantized: bool = False) -> tuple[Any, int | None]:
+                            quantized: bool = False, **_: Any) -> tuple[Any, int | None]:
     """``dim`` is drawn among multiples of ``heads`` that make both SwiGLU hidden widths divisible
     by ``experts`` (the Config's MoE constraint) and both normalised widths (D and T·D/H) reach
     ``min_width``.
@@ -228,9 +231,25 @@ def sample_tokenmixer_large(choose: Chooser, moe: bool | None = None, min_width:
         **_common(choose)), None
 
 
+def sample_mixformer(choose: Chooser, min_width: int = 1, split: bool = False,
+                     **_: Any) -> tuple[Any, int | None]:
+    """MixFormer: dim = heads · head width (H = T); UI-MixFormer needs 1 <= user_heads < heads; the
+    action width is normed too (``min_width``)."""
+    from mixexport.models import mixformer
+
+    ui = True if split else choose("ui", (True, False))
+    heads = choose("heads", (2, 3, 4) if ui else (1, 2, 3, 4))
+    user_heads = choose("user_heads", tuple(range(1, heads))) if ui else 1
+    return mixformer.Config(schema=_schema(choose, _seq_len(choose)), heads=heads, user_heads=user_heads, ui=ui,
+                            dim=choose("dim", _widths(heads, (2, 1, 4, 8), min_width)),
+                            action_dim=choose("action_dim", [a for a in (2, 1, 4, 8, 16) if a >= min_width]),
+                            ffn_mult=choose("ffn_mult", (1, 2)), **_common(choose)), None
+
+
 SAMPLERS: dict[str, Callable[..., tuple[Any, int | None]]] = {
     "rankmixer": sample_rankmixer, "ugsep": sample_ugsep, "longer": sample_longer,
     "rankmixer-moe": sample_rankmixer_moe, "tokenmixer-large": sample_tokenmixer_large,
+    "mixformer": sample_mixformer,
 }
 
 
@@ -240,7 +259,7 @@ def make_case(family: str, passes: tuple[str, ...], choose: Chooser, seed: int) 
 
     config, seq_len = SAMPLERS[family](choose, moe=True if PACK in passes else None,
                                        min_width=QUANT_MIN_WIDTH if QUANT in passes else 1,
-                                       quantized=QUANT in passes)
+                                       quantized=QUANT in passes, split=SPLIT in passes)
     users = choose("users", (1, 2, 3, 5))
     candidates = choose("candidates", (1, 7, 2, 16, 33, 64))
     mode = choose("user_index", USER_INDEX_MODES)

@@ -7,8 +7,8 @@ Block l (pre-norm; every ``SwiGLU_i`` is per head, no biases; ``D`` the head wid
 
     P   = HeadMix(LN(X)) + X                      Query Mixer, HeadMix = RankMixer mixing, H = T
     Q   = P + SwiGLU_i(LN(P))                     per-head SwiGLU                    [H,B,D]
-    h_l = h_{l-1} + SwiGLU_l(LN(h_{l-1}))         per-layer SwiGLU over the actions  [B,S,D]
-    K_l, V_l = h_l·Wk_l, h_l·Wv_l                 per-head keys/values, [D, H·D] → [H,B,S,D]
+    h_l = h_{l-1} + SwiGLU_l(LN(h_{l-1}))         per-layer SwiGLU over the actions  [B,S,A]
+    K_l, V_l = h_l·Wk_l, h_l·Wv_l                 per-head keys/values, [A, H·D] → [H,B,S,D]
     Z_i = Σ_t softmax_t(q_i·k_t^i / √D) v_t^i + q_i       cross attention, padding masked
     X'  = Z + SwiGLU_i(LN(Z))                     output fusion
     logit = Towers(mean_i X_L[i])
@@ -31,8 +31,10 @@ Choices where the paper is silent ([inferred]):
   uniform init, so that each block starts close to the identity (trains stably from scratch);
 - **queries are the head tokens themselves** (no query projection), and each head has its own
   D-wide key and value projection of the action representation, as ``q_iᵀ k_t^i / √D`` implies;
-- **the action representation is recursive**: ``h_0`` is a linear projection of each behaviour's
-  item embedding, and layer l refines ``h_{l-1}`` with its own residual SwiGLU. There is **no
+- **the action representation is recursive and narrow**: ``h_0`` is a linear projection of each
+  behaviour's item embedding to width ``A = action_dim`` (default 16, below D: the per-head K/V
+  projections ``[A, H·D]`` run for every action, and they dominate the cost), and layer l refines
+  ``h_{l-1}`` with its own residual SwiGLU (hidden ``n·A``). There is **no
   position code**, so K/V of an action depend on that action alone (a cached sequence could be
   appended to); padded actions (id 0) are masked out of the softmax with an additive −1e4
   (finite, fp16-safe: an all-padding history gives a uniform row, not NaN);
@@ -70,15 +72,16 @@ class Config:
     heads: int = 4           # H head tokens (= mixing heads, H = T)
     user_heads: int = 2      # Hu user heads of UI-MixFormer (the other H - Hu are item heads)
     ui: bool = True          # UI-MixFormer: user/item heads with the one-way mask; False: plain MixFormer
-    dim: int = 64            # D, head width; divisible by H
+    dim: int = 32            # D, head width; divisible by H
+    action_dim: int = 16     # A, width of the action (behaviour) representation; K/V project it to D per head
     ffn_mult: int = 2        # n: SwiGLU hidden width n·D
     layers: int = 2          # L
     emb_dim: int = 16
     tasks: int = 1
 
     def __post_init__(self) -> None:
-        if min(self.heads, self.dim, self.ffn_mult, self.layers, self.tasks) < 1:
-            raise ValueError("heads, dim, ffn_mult, layers and tasks must all be >= 1")
+        if min(self.heads, self.dim, self.action_dim, self.ffn_mult, self.layers, self.tasks) < 1:
+            raise ValueError("heads, dim, action_dim, ffn_mult, layers and tasks must all be >= 1")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads}): "
                              "head mixing uses H = T heads of width D/H")
@@ -98,16 +101,17 @@ def default_passes(config: Config) -> tuple[str, ...]:
 
 
 def tiny(schema: FeatureSchema | None = None) -> Config:
-    """Test config: H = 4 heads (2 user + 2 item), D = 64, n = 2, L = 2 (~0.51 M block parameters)."""
+    """Test config: H = 4 heads (2 user + 2 item), D = 32, A = 16, n = 2, L = 2 (~0.11 M block
+    parameters, ~0.6 MFLOPs per row)."""
     return Config(schema=schema or FeatureSchema())
 
 
 def base(schema: FeatureSchema | None = None) -> Config:
-    """Benchmark config: H = 8 heads (4 user + 4 item), D = 128, n = 2, L = 2, S = 64 actions
-    (~3.9 M block parameters; ~100 MFLOPs per row, 94 % of it on the sequence side: the per-layer
-    SwiGLU over the 64 actions and their per-head K/V)."""
+    """Benchmark config: H = 8 heads (4 user + 4 item), D = 128, A = 64, n = 2, L = 2, S = 64
+    actions (~3.5 M block parameters; ~47 MFLOPs per row, 85 % of it on the sequence side: the
+    per-layer SwiGLU over the 64 actions and their per-head K/V)."""
     return Config(schema=schema or FeatureSchema(seq_len=64, seq_vocab=5000), heads=8, user_heads=4,
-                  dim=128, emb_dim=32)
+                  dim=128, action_dim=64, emb_dim=32)
 
 
 def masked_head_mix(u: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,24 +138,25 @@ class Block(nn.Module):
         self.norm_mix = nn.LayerNorm(c.dim)
         self.norm_query = nn.LayerNorm(c.dim)
         self.query_ffn = nn.ModuleList(SwiGLU(n, c.dim, hidden, DOWN_INIT) for n in c.groups)
-        self.norm_seq = nn.LayerNorm(c.dim)
-        self.seq_ffn = SwiGLU(1, c.dim, hidden, DOWN_INIT)      # one weight for every action
-        self.key = nn.Linear(c.dim, c.heads * c.dim, bias=False)
-        self.value = nn.Linear(c.dim, c.heads * c.dim, bias=False)
+        self.norm_seq = nn.LayerNorm(c.action_dim)
+        self.seq_ffn = SwiGLU(1, c.action_dim, c.ffn_mult * c.action_dim, DOWN_INIT)   # every action alike
+        self.key = nn.Linear(c.action_dim, c.heads * c.dim, bias=False)                 # per head [A, D]
+        self.value = nn.Linear(c.action_dim, c.heads * c.dim, bias=False)
         self.norm_out = nn.LayerNorm(c.dim)
         self.out_ffn = nn.ModuleList(SwiGLU(n, c.dim, hidden, DOWN_INIT) for n in c.groups)
 
     def sequence(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Actions ``[B,S,D]`` → refined actions ``[B,S,D]``, keys ``[H,B,D,S]``, values ``[H,B,S,D]``."""
-        b, s, d = h.shape
-        h = h + self.seq_ffn(self.norm_seq(h).reshape(1, b * s, d)).reshape(b, s, d)
+        """Actions ``[B,S,A]`` → refined actions ``[B,S,A]``, keys ``[H,B,D,S]``, values ``[H,B,S,D]``."""
+        b, s, a = h.shape
+        d = self.dim
+        h = h + self.seq_ffn(self.norm_seq(h).reshape(1, b * s, a)).reshape(b, s, a)
         k = self.key(h).reshape(b, s, self.heads, d).permute(2, 0, 3, 1)                 # [H,B,D,S]
         v = self.value(h).reshape(b, s, self.heads, d).permute(2, 0, 1, 3)               # [H,B,S,D]
         return h, k, v
 
     def forward(self, xs: list[torch.Tensor], h: torch.Tensor,
                 pad: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Head groups ``[Hg,B,D]``, actions ``h [B,S,D]``, padding bias ``[1,B,1,S]``."""
+        """Head groups ``[Hg,B,D]``, actions ``h [B,S,A]``, padding bias ``[1,B,1,S]``."""
         normed = [self.norm_mix(x) for x in xs]
         mixed = list(masked_head_mix(*normed)) if self.ui else [token_mix(normed[0], self.heads)]
         ps = [m + x for m, x in zip(mixed, xs)]                                          # Query Mixer
@@ -177,7 +182,7 @@ class Model(RankingModel):
             self.embed.user_width + self.embed.item_width,)
         self.chunks = tuple(math.ceil(w / n) for w, n in zip(widths, c.groups))
         self.tokenizers = nn.ModuleList(PerTokenLinear(n, ch, c.dim) for n, ch in zip(c.groups, self.chunks))
-        self.action = nn.Linear(c.emb_dim, c.dim)
+        self.action = nn.Linear(c.emb_dim, c.action_dim)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
         self.head = Towers(c.dim, c.tasks)
 
@@ -190,7 +195,7 @@ class Model(RankingModel):
         xs = [tok(chunk_tokens(f, n, ch))                                 # [Hg,B,D] per head group
               for f, n, ch, tok in zip(feats, c.groups, self.chunks, self.tokenizers)]
         emb, valid = self.embed.sequence(seq_items)                       # [B,S,e], [B,S]
-        h = self.action(emb)                                              # [B,S,D]
+        h = self.action(emb)                                              # [B,S,A]
         pad = ((1.0 - valid) * NEG).to(h.dtype)[None, :, None, :]         # [1,B,1,S]
         for block in self.blocks:
             xs, h = block(xs, h, pad)

@@ -25,7 +25,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixexport.fuzz import (COMBOS, KV, PACK, QUANT, QUANT_MIN_WIDTH, Case, Chooser, combinations, describe,
+from mixexport.fuzz import (COMBOS, KV, PACK, QUANT, QUANT_MIN_WIDTH, SPLIT, Case, Chooser, combinations, describe,
                             generate_cases, make_case, replay, run_case)
 from mixexport.models import create_model
 from mixexport.models.common import random_feeds
@@ -37,7 +37,8 @@ pytestmark = pytest.mark.xdist_group("fuzz")
 
 CI_SEED = 0
 CI_FORCED = {"layers": 0}  # one layer: build time is mostly per-graph overhead, not model size
-SLOW_LABELS = {"longer[quantize-w8a16]", "rankmixer-moe[quantize-w8a16]", "tokenmixer-large[quantize-w8a16]"}
+SLOW_LABELS = {"longer[quantize-w8a16]", "rankmixer-moe[quantize-w8a16]", "tokenmixer-large[quantize-w8a16]",
+               "mixformer[quantize-w8a16]"}
 WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
@@ -165,6 +166,8 @@ def test_sampled_configs_are_valid(family: str, passes: tuple[str, ...], data: s
     assert tuple(out.shape) == (case.candidates, case.config["tasks"]) and bool(torch.isfinite(out).all())
     if PACK in passes:
         assert case.config.get("moe", True)
+    if SPLIT in passes and family == "mixformer":
+        assert case.config["ui"]  # split-user-item needs UI-MixFormer's user heads
     if QUANT in passes:
         assert case.config["dim"] >= QUANT_MIN_WIDTH
         if family == "tokenmixer-large" and case.config["moe"] and case.config["top_k"] < case.config["experts"]:
