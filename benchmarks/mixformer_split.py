@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=3.0, help="seconds of timing per N")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", default=None, help="also write the JSON result here")
+    ap.add_argument("--reuse", action="store_true", help="time the bundles already in --work (no rebuild)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `mixexport bench`: before torch loads
 
@@ -41,9 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     model = mixformer.Model(getattr(mixformer, args.config)()).eval()
-    ckpt = save_checkpoint(model, work / f"mixformer-{args.config}.pt", {"note": "random init, for latency"})
     split, unsplit = work / "split", work / "unsplit"
-    for out, passes in ((split, None), (unsplit, ())):
+    ckpt = work / f"mixformer-{args.config}.pt"
+    if not args.reuse:
+        save_checkpoint(model, ckpt, {"note": "random init, for latency"})
+    for out, passes in ((split, None), (unsplit, ())) if not args.reuse else ():
         build(ckpt, BuildOptions(out=out, passes=passes, bench=False, metrics=False, force=True),
               progress=lambda m: print(m, file=sys.stderr))
     predicted = read_manifest(split).data["passes"][0]["report"]["predicted_speedup"]

@@ -128,6 +128,25 @@ def masked_head_mix(u: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, tor
     return mix_u, mix_g
 
 
+class ActionSwiGLU(nn.Module):
+    """One bias-free SwiGLU for every action, 2-D weights: ``[B,S,A]`` → ``[B,S,A]``.
+
+    (Not a per-token SwiGLU with one token: TensorRT-RTX 1.7 fails to build a ``[1, A, nA]``
+    weight behind a blocked int8 DequantizeLinear — Myelin internal error — measured on CPU builds.)
+    """
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(width, hidden, bias=False)
+        self.up = nn.Linear(width, hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+        with torch.no_grad():
+            self.down.weight.mul_(DOWN_INIT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
 class Block(nn.Module):
     """One MixFormer block over the head groups (``[U, G]`` or ``[X]``) and the actions."""
 
@@ -139,7 +158,7 @@ class Block(nn.Module):
         self.norm_query = nn.LayerNorm(c.dim)
         self.query_ffn = nn.ModuleList(SwiGLU(n, c.dim, hidden, DOWN_INIT) for n in c.groups)
         self.norm_seq = nn.LayerNorm(c.action_dim)
-        self.seq_ffn = SwiGLU(1, c.action_dim, c.ffn_mult * c.action_dim, DOWN_INIT)   # every action alike
+        self.seq_ffn = ActionSwiGLU(c.action_dim, c.ffn_mult * c.action_dim)           # every action alike
         self.key = nn.Linear(c.action_dim, c.heads * c.dim, bias=False)                 # per head [A, D]
         self.value = nn.Linear(c.action_dim, c.heads * c.dim, bias=False)
         self.norm_out = nn.LayerNorm(c.dim)
@@ -147,9 +166,9 @@ class Block(nn.Module):
 
     def sequence(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Actions ``[B,S,A]`` → refined actions ``[B,S,A]``, keys ``[H,B,D,S]``, values ``[H,B,S,D]``."""
-        b, s, a = h.shape
+        b, s, _ = h.shape
         d = self.dim
-        h = h + self.seq_ffn(self.norm_seq(h).reshape(1, b * s, a)).reshape(b, s, a)
+        h = h + self.seq_ffn(self.norm_seq(h))                                          # [B,S,A]
         k = self.key(h).reshape(b, s, self.heads, d).permute(2, 0, 3, 1)                 # [H,B,D,S]
         v = self.value(h).reshape(b, s, self.heads, d).permute(2, 0, 1, 3)               # [H,B,S,D]
         return h, k, v
