@@ -36,13 +36,15 @@ SPLIT, KV, PACK, QUANT = "split-user-item", "extract-kv-cache", "pack-moe-expert
 INT8 = "quantize-int8"  # what --precision int8 adds
 #: Every applicable pass combination per family (pipeline order): none, each program pass, and
 #: quantize-w8a16 alone and after it. tokenmixer-large's combinations with pack-moe-experts force
-#: ``moe=True``; the others draw ``moe`` too (dense tokenmixer-large: [] and [quantize]).
+#: ``moe=True``; the others draw ``moe`` too (dense tokenmixer-large: [] and [quantize]). mixformer's
+#: combinations with split-user-item force ``ui=True``; the others draw UI-MixFormer or plain MixFormer.
 COMBOS: dict[str, tuple[tuple[str, ...], ...]] = {
     "rankmixer": ((), (QUANT,)),
     "ugsep": ((), (SPLIT,), (QUANT,), (SPLIT, QUANT)),
     "longer": ((), (KV,), (QUANT,), (KV, QUANT)),
     "rankmixer-moe": ((), (PACK,), (QUANT,), (PACK, QUANT)),
     "tokenmixer-large": ((), (PACK,), (QUANT,), (PACK, QUANT)),
+    "mixformer": ((), (SPLIT,), (QUANT,), (SPLIT, QUANT)),
 }
 #: int8 compute (``--precision int8``) after each family's serving pass: listed after every COMBOS
 #: combination, so the indices of those (and the CI slice's cases of them) are unchanged.
@@ -126,9 +128,10 @@ class Case:
 
 
 # ------------------------------------------------------------------------------------------------
-# config samplers: one per family, ``(choose, moe=None, min_width=1, quantized=False) -> (Config,
-# request seq_len or None)``; ``moe`` forces tokenmixer-large's MoE on (pack-moe-experts), ``min_width``
-# bounds the normed widths and ``quantized`` marks quantize-w8a16 cases. Families without the knob ignore it.
+# config samplers: one per family, ``(choose, moe=None, min_width=1, quantized=False, split=False) ->
+# (Config, request seq_len or None)``; ``moe`` forces tokenmixer-large's MoE on (pack-moe-experts),
+# ``min_width`` bounds the normed widths, ``quantized`` marks quantize-w8a16 cases and ``split`` forces
+# mixformer's user/item heads (split-user-item). Families without the knob ignore it.
 
 def _schema(choose: Chooser, seq_len: int) -> Any:
     from mixexport.models.common import FeatureSchema
@@ -207,7 +210,7 @@ def sample_rankmixer_moe(choose: Chooser, moe: bool | None = None, min_width: in
 
 
 def sample_tokenmixer_large(choose: Chooser, moe: bool | None = None, min_width: int = 1,
-                            quantized: bool = False) -> tuple[Any, int | None]:
+                            quantized: bool = False, **_: Any) -> tuple[Any, int | None]:
     """``dim`` is drawn among multiples of ``heads`` that make both SwiGLU hidden widths divisible
     by ``experts`` (the Config's MoE constraint) and both normalised widths (D and T·D/H) reach
     ``min_width``.
@@ -239,9 +242,32 @@ def sample_tokenmixer_large(choose: Chooser, moe: bool | None = None, min_width:
         **_common(choose)), None
 
 
+def sample_mixformer(choose: Chooser, min_width: int = 1, split: bool = False, quantized: bool = False,
+                     **_: Any) -> tuple[Any, int | None]:
+    """MixFormer: dim = heads · head width (H = T); UI-MixFormer needs 1 <= user_heads < heads; the
+    action width is normed too (``min_width``).
+
+    Quantized, every head group has at least two heads: a per-head weight group of one head is a
+    ``[1, I, O]`` weight behind a blocked int8 DequantizeLinear, which TensorRT-RTX 1.7.1 fails to
+    build (Myelin internal error ``CHECK(is_value())``; found by this fuzzer, the ONNX Runtime path
+    is fine). Until quantize-w8a16 writes such weights in a form TensorRT-RTX takes, the fuzzer
+    does not draw them with quantize-w8a16."""
+    from mixexport.models import mixformer
+
+    least = 2 if quantized else 1
+    ui = True if split else choose("ui", (True, False))
+    heads = choose("heads", tuple(h for h in ((2, 3, 4) if ui else (1, 2, 3, 4)) if h >= (2 * least if ui else least)))
+    user_heads = choose("user_heads", tuple(range(least, heads - least + 1))) if ui else 1
+    return mixformer.Config(schema=_schema(choose, _seq_len(choose)), heads=heads, user_heads=user_heads, ui=ui,
+                            dim=choose("dim", _widths(heads, (2, 1, 4, 8), min_width)),
+                            action_dim=choose("action_dim", [a for a in (2, 1, 4, 8, 16) if a >= min_width]),
+                            ffn_mult=choose("ffn_mult", (1, 2)), **_common(choose)), None
+
+
 SAMPLERS: dict[str, Callable[..., tuple[Any, int | None]]] = {
     "rankmixer": sample_rankmixer, "ugsep": sample_ugsep, "longer": sample_longer,
     "rankmixer-moe": sample_rankmixer_moe, "tokenmixer-large": sample_tokenmixer_large,
+    "mixformer": sample_mixformer,
 }
 
 
@@ -251,7 +277,8 @@ def make_case(family: str, passes: tuple[str, ...], choose: Chooser, seed: int) 
 
     quantized = QUANT in passes or INT8 in passes
     config, seq_len = SAMPLERS[family](choose, moe=True if PACK in passes else None,
-                                       min_width=QUANT_MIN_WIDTH if quantized else 1, quantized=quantized)
+                                       min_width=QUANT_MIN_WIDTH if quantized else 1, quantized=quantized,
+                                       split=SPLIT in passes)
     users = choose("users", (1, 2, 3, 5))
     candidates = choose("candidates", (1, 7, 2, 16, 33, 64))
     mode = choose("user_index", USER_INDEX_MODES)

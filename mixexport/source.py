@@ -122,13 +122,13 @@ def load_source(path: str | Path, roles: Mapping[str, str] | None = None) -> Sou
     if roles:
         raise BadInputError("--roles applies to .pt2 programs only; reference families declare "
                             "their roles", "drop --roles")
-    from mixexport.models import family_module
+    from mixexport.models import default_passes
 
     multiples = model.dim_multiples() if hasattr(model, "dim_multiples") else {}
     minimums = model.dim_minimums() if hasattr(model, "dim_minimums") else {}
     return Source(kind="checkpoint", path=path, sha256=sha256_file(path), inputs=model.input_specs(),
                   outputs=model.output_specs(), module=model, family=ckpt.family, config=ckpt.config,
-                  metadata=ckpt.metadata, default_passes=tuple(family_module(ckpt.family).DEFAULT_PASSES),
+                  metadata=ckpt.metadata, default_passes=default_passes(ckpt.family, model.config),
                   multiples=multiples, minimums=minimums)
 
 

@@ -2,8 +2,12 @@
 
 A family is one module in this package with: ``FAMILY`` (its name), ``Config`` (a frozen
 dataclass whose ``schema`` field is a :class:`FeatureSchema`), ``Model`` (a
-:class:`RankingModel`), ``tiny()`` / ``base()`` configs and ``DEFAULT_PASSES``. Adding a family
+:class:`RankingModel`), ``tiny()`` / ``base()`` configs and ``DEFAULT_PASSES`` (a family whose defaults depend on the
+config also defines ``default_passes(config)``, see :func:`default_passes`). Adding a family
 means adding its file and one entry in :data:`FAMILIES`.
+
+What each family computes, the choices where its paper is silent and the structure each pass relies
+on: ``docs/models.md``.
 
 A checkpoint is a ``torch.save`` dict ``{format, family, config, state_dict, metadata}``, loaded
 with ``torch.load(weights_only=True)``: loading never unpickles code.
@@ -24,14 +28,15 @@ import torch
 
 from mixexport.errors import BadInputError
 
-from . import longer, rankmixer, rankmixer_moe, tokenmixer_large, ugsep
+from . import longer, mixformer, rankmixer, rankmixer_moe, tokenmixer_large, ugsep
 from .common import FeatureSchema, RankingModel, config_from_dict, config_to_dict, random_feeds
 
 CHECKPOINT_FORMAT = "mixexport.ckpt/1"
-FAMILIES: dict[str, ModuleType] = {m.FAMILY: m for m in (rankmixer, ugsep, longer, rankmixer_moe, tokenmixer_large)}
+FAMILIES: dict[str, ModuleType] = {m.FAMILY: m for m in (rankmixer, ugsep, longer, rankmixer_moe, tokenmixer_large,
+                                                            mixformer)}
 
 __all__ = ["CHECKPOINT_FORMAT", "FAMILIES", "Checkpoint", "FeatureSchema", "RankingModel",
-           "create_model", "family_module", "load_checkpoint", "random_feeds", "save_checkpoint"]
+           "create_model", "default_passes", "family_module", "load_checkpoint", "random_feeds", "save_checkpoint"]
 
 
 def family_module(name: str) -> ModuleType:
@@ -41,6 +46,15 @@ def family_module(name: str) -> ModuleType:
         raise BadInputError(f"unknown model family {name!r}; known families: {', '.join(FAMILIES)}",
                             "train a model of a known family, or export your own with "
                             "torch.export.save and build the .pt2") from None
+
+
+def default_passes(family: str, config: Any) -> tuple[str, ...]:
+    """The passes ``build`` runs for a model of ``family`` when ``--passes`` is not given: the
+    family's ``default_passes(config)`` where it has one (mixformer: ``split-user-item`` only for
+    UI-MixFormer), else its ``DEFAULT_PASSES``."""
+    mod = family_module(family)
+    pick = getattr(mod, "default_passes", None)
+    return tuple(pick(config) if pick is not None else mod.DEFAULT_PASSES)
 
 
 def create_model(family: str, config: Any | None = None) -> RankingModel:

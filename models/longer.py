@@ -28,6 +28,9 @@ Choices where the paper is silent or where serving decides ([inferred]):
   (most recent last); padded groups are masked out as keys and in the pooling.
 - InnerTransformer inside each group: not implemented (a plain concat + projection merge).
 - Output head: the target's final state with the mean of the valid user tokens, then an MLP.
+
+The family in prose, beside the others (math, these choices, the serving structure the passes
+rely on): ``docs/models.md``, section ``longer``.
 """
 
 from __future__ import annotations

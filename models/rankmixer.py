@@ -11,6 +11,9 @@ Choices where the paper is silent ([inferred]):
   (item columns + dense projection) are concatenated in that order, padded and cut into T chunks,
   each projected by its own weight ``[T, d, D]`` (the per-token-linear pattern of the FFN);
 - the FFN multiplier k defaults to 4; towers are Linear(D, D/2) → ReLU → Linear(D/2, 1) per task.
+
+The family in prose, beside the others (math, these choices, the serving structure the passes
+rely on): ``docs/models.md``, section ``rankmixer``.
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ Choices where the paper is silent ([inferred]):
   it otherwise (ReMoE-style controller; ``l1_adapt = 1`` keeps λ fixed). λ is trainer state, not a
   weight: it lives on the model object and is not saved in checkpoints.
 - experts are full-size FFNs with biases (so parameters grow about E×), routers have biases.
+
+The family in prose, beside the others (math, these choices, the serving structure the passes
+rely on): ``docs/models.md``, section ``rankmixer-moe``.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ Choices where the paper is silent ([inferred]):
   training loss ``BCE(main) + aux_weight · mean_i BCE(aux_i)``;
 - init: up/gate uniform ±1/√fan_in, down the same times ``down_init`` (0.01, the paper's best
   scale); routers uniform ±1/√fan_in.
+
+The family in prose, beside the others (math, these choices, the serving structure the passes
+rely on): ``docs/models.md``, section ``tokenmixer-large``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ Choices where the paper is silent ([inferred]): the exact mask indexing above;
 ``Wc [Tg,D,D]`` (one-way U→G), so training starts from plain UG-Sep; the separated residual of
 pyramid variants is omitted (T is constant); head = mean over all T tokens → per-task towers.
 The G side reads the user states of **every** layer, so the user/item cut is per layer.
+
+The family in prose, beside the others (math, these choices, the serving structure the passes
+rely on): ``docs/models.md``, section ``ugsep``.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ Cases handled:
 - the **user segment** takes the user inputs (leading dim ``users``) and outputs every user-side
   value an item-side node reads ("user state") — for UG-Sep that is the user tokens' slices and
   the compensation term of **every layer** (the cut is per layer), plus the user part of the head;
+  for UI-MixFormer the user heads (Query Mixer, cross attention, output fusion) and the sequence's
+  per-head K/V of every layer stay in the user segment, and the item heads read the user heads'
+  slices and the item heads' K/V of every layer;
 - the **item segment** takes that state (leading dim ``users``), the item inputs and
   ``user_index [candidates]``, and broadcasts the state to the candidates **inside** the graph
   (a gather by ``user_index`` along each state's batch axis; U = 1 is the 1 user × N case);
@@ -21,8 +24,10 @@ boundary tensors with their bytes per user; the predicted speed-up ``N·F / (F_u
 at N ∈ {1, 16, 64, 256, 1024}.
 
 Precondition: the program has one full segment with user and item inputs, and some matrix
-multiply is user-only. A model whose user features meet item features in the first tensor after
-the embeddings (plain RankMixer tokenization) has nothing to reuse; the error names where they meet.
+multiply is user-only and reads the user (profile) features — user-only work on the behaviour
+sequence alone is ``extract-kv-cache``'s. A model whose user features meet item features before any
+matrix multiply (plain RankMixer tokenization; plain MixFormer, whose heads are cut from user and
+item features together) has nothing to reuse; the error names the edge where they meet.
 """
 
 from __future__ import annotations
@@ -50,19 +55,58 @@ CHECK_SEED = 11  # the sample request (2 users x 5 candidates) the segments are 
 
 
 def requires(bundle: Bundle) -> None:
-    """One full program segment with user and item inputs, and a user-only matrix multiply."""
+    """One full program segment with user and item inputs, and a user-only matrix multiply that
+    reads the user features.
+
+    The rule is structural: a matrix multiply is user-only when every tensor it reads depends on
+    user-side inputs alone (roles user/sequence), and it counts only if it depends on a ``user``
+    input (the profile features), not on the sequence alone. A model whose user features meet item
+    features before any matrix multiply (RankMixer's joint tokenization, plain MixFormer's heads cut
+    from user and item features together) has no user computation to reuse: its only user-only work
+    would be the behaviour sequence's, which is what ``extract-kv-cache`` serves. The error names
+    the edge where the user features first meet item data. A program without ``user`` inputs (only
+    a sequence on the user side) needs any user-only matrix multiply.
+    """
     seg = single_full_segment(bundle, "split-user-item")
     a = analyze(seg.program, seg.inputs)
+    profile = sorted(s.name for s in seg.inputs if s.role == "user")
+    reads = user_input_reads(a)
     user_matmuls = [n for n, r in a.roles.items() if r == "user" and n.op == "call_function"
                     and n.target in MATMUL_TARGETS]
-    if not user_matmuls:
-        meet = next((u for n in boundary(a) for u in a.consumers(n) if a.roles.get(u) == "item"), None)
-        where = f"user inputs meet item inputs at {describe_node(meet)}" if meet is not None else "no user-side value"
-        n_user = sum(1 for n, r in a.roles.items() if r == "user")
-        raise PreconditionError(
-            f"split-user-item needs user-only computation past the embeddings (user tokens kept in their "
-            f"own tensors, as in UG-Sep); found {n_user} user-side ops and none is a matrix multiply: {where}",
-            "use a model whose user tokens stay separate (family ugsep), or build without this pass")
+    reusable = [n for n in user_matmuls if not profile or reads[n] & set(profile)]
+    if reusable:
+        return
+    sources = set(profile) or {s.name for s in seg.inputs if s.user_side}
+    edge = next(((n, u) for n in boundary(a) if reads.get(n, set()) & sources
+                 for u in a.consumers(n) if a.roles.get(u) == "item"), None)
+    where = (f"user inputs meet item inputs at {describe_node(edge[1])}, which reads the user-side "
+             f"{edge[0].name}: that edge makes the user side depend on items" if edge is not None
+             else "no user-side value")
+    n_user = sum(1 for n in reads if reads[n] & sources)
+    seq_only = len(user_matmuls) - len(reusable)
+    also = (f"; the {seq_only} user-only matrix multiplies read the sequence alone "
+            f"({', '.join(sorted(set().union(*(reads[n] for n in user_matmuls))))}): that part is "
+            "extract-kv-cache's" if seq_only else "")
+    raise PreconditionError(
+        f"split-user-item needs user-only computation past the embeddings (user tokens kept in their "
+        f"own tensors, as in UG-Sep or UI-MixFormer's user heads); found {n_user} user-side ops reading "
+        f"the user inputs {sorted(sources)} and none is a matrix multiply: {where}{also}",
+        "use a model whose user tokens stay separate (family ugsep, or mixformer with ui=true), or build "
+        "without this pass")
+
+
+def user_input_reads(a: Analysis) -> dict[Any, set[str]]:
+    """For every user-side node, the user-side inputs (by name) it depends on."""
+    reads: dict[Any, set[str]] = {}
+    for node in a.gm.graph.nodes:
+        role = a.roles.get(node)
+        if role != "user":
+            continue
+        if node.op == "placeholder":
+            reads[node] = {node.name}
+        else:
+            reads[node] = set().union(*(reads.get(x, set()) for x in node.all_input_nodes))
+    return reads
 
 
 def split_user_item(bundle: Bundle, options: Options) -> PassResult:

@@ -25,8 +25,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixexport.fuzz import (COMBOS, INT8, INT8_COMBOS, KV, PACK, QUANT, QUANT_MIN_WIDTH, Case, Chooser, combinations,
-                            describe, generate_cases, make_case, replay, run_case)
+from mixexport.fuzz import (COMBOS, INT8, INT8_COMBOS, KV, PACK, QUANT, QUANT_MIN_WIDTH, SPLIT, Case, Chooser,
+                            combinations, describe, generate_cases, make_case, replay, run_case)
 from mixexport.models import create_model
 from mixexport.models.common import random_feeds
 from tests.trt_rtx import require_trt_rtx, trt_rtx_reason
@@ -38,7 +38,8 @@ pytestmark = pytest.mark.xdist_group("fuzz")
 CI_SEED = 0
 CI_FORCED = {"layers": 0}  # one layer: build time is mostly per-graph overhead, not model size
 SLOW_LABELS = {"longer[quantize-w8a16]", "rankmixer-moe[quantize-w8a16]", "tokenmixer-large[quantize-w8a16]",
-               "longer[extract-kv-cache,quantize-int8]", "rankmixer-moe[pack-moe-experts,quantize-int8]"}
+               "longer[extract-kv-cache,quantize-int8]", "rankmixer-moe[pack-moe-experts,quantize-int8]",
+               "mixformer[quantize-w8a16]"}
 WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
@@ -168,6 +169,8 @@ def test_sampled_configs_are_valid(family: str, passes: tuple[str, ...], data: s
     assert tuple(out.shape) == (case.candidates, case.config["tasks"]) and bool(torch.isfinite(out).all())
     if PACK in passes:
         assert case.config.get("moe", True)
+    if SPLIT in passes and family == "mixformer":
+        assert case.config["ui"]  # split-user-item needs UI-MixFormer's user heads
     if QUANT in passes or INT8 in passes:
         assert case.config["dim"] >= QUANT_MIN_WIDTH
         if family == "tokenmixer-large" and case.config["moe"] and case.config["top_k"] < case.config["experts"]:
