@@ -2,7 +2,8 @@
 across behaviour types and feature attributes, stacked as a pyramid from short to long periods; the
 resulting interest tokens join the user and item tokens in a RankMixer backbone.
 
-Shapes (``Nb`` behaviour types, ``P`` positions per type, ``F`` feature attributes, ``e`` width)::
+Shapes (``Nb`` behaviour types, ``P`` positions per type, ``F`` feature attributes, ``e`` their
+embedding width ``behaviour_dim``)::
 
     seq_behaviours [B,Nb,P,F] → one embedding per attribute → X0 [B,Nb,P,F,e], valid m0 [B,Nb,P]
     level l (l = 1..levels), on X [B,Nb,P_l,F,e]:
@@ -66,14 +67,15 @@ class Config:
     dim: int = 64            # D; divisible by T = Nb·P_L + Tu + Tg
     ffn_mult: int = 4
     layers: int = 2          # RankMixer backbone blocks
-    emb_dim: int = 16        # e: per feature attribute, and per user/item feature
+    emb_dim: int = 16        # width of each user/item feature embedding
+    behaviour_dim: int = 16  # e: width of each behaviour attribute embedding inside the pyramid
     tasks: int = 1
 
     def __post_init__(self) -> None:
         if min(self.levels, self.pool, self.mix_mult, self.user_tokens, self.item_tokens, self.dim,
-               self.ffn_mult, self.layers, self.emb_dim, self.tasks) < 1:
+               self.ffn_mult, self.layers, self.emb_dim, self.behaviour_dim, self.tasks) < 1:
             raise ValueError("levels, pool, mix_mult, user_tokens, item_tokens, dim, ffn_mult, layers, "
-                             "emb_dim and tasks must all be >= 1")
+                             "emb_dim, behaviour_dim and tasks must all be >= 1")
         s = self.schema
         if s.behaviour_len < 1:
             raise ValueError("pyramid-mixer reads seq_behaviours: the schema needs behaviour_len >= 1")
@@ -99,17 +101,17 @@ class Config:
 
 
 def tiny(schema: FeatureSchema | None = None) -> Config:
-    """Test config: 3 types × 16 behaviours × 4 attributes, 3 levels (16 → 2 windows), T = 6 + 1 + 1,
-    D = 64, L = 2."""
+    """Test config: 3 types × 16 behaviours × 4 attributes of width 16, 3 levels (16 → 2 windows),
+    T = 6 + 1 + 1, D = 64, L = 2."""
     return Config(schema=schema or _schema())
 
 
 def base(schema: FeatureSchema | None = None) -> Config:
     """Benchmark config: 3 types × 64 behaviours, 4 levels (64 → 4 windows), T = 12 + 2 + 2, D = 256,
-    e = 32, L = 2."""
+    e = 16, L = 2."""
     schema = schema or FeatureSchema(behaviour_len=64, seq_vocab=5000,
                                      behaviour_vocab=(5000, 17, 20, 11))
-    return Config(schema=schema, levels=4, user_tokens=2, item_tokens=2, dim=256, emb_dim=32)
+    return Config(schema=schema, levels=4, user_tokens=2, item_tokens=2, dim=256, emb_dim=32, behaviour_dim=16)
 
 
 class AxisMLP(nn.Module):
@@ -132,7 +134,7 @@ class Level(nn.Module):
 
     def __init__(self, c: Config) -> None:
         super().__init__()
-        nb, nf, e, k = c.schema.behaviour_types, len(c.schema.behaviour_vocab), c.emb_dim, c.mix_mult
+        nb, nf, e, k = c.schema.behaviour_types, len(c.schema.behaviour_vocab), c.behaviour_dim, c.mix_mult
         self.pool = c.pool
         self.behaviour = AxisMLP(e, nb, k * nb, axis=1)
         self.feature = AxisMLP(e, nf, k * nf, axis=3)
@@ -155,7 +157,7 @@ class Pyramid(nn.Module):
     def __init__(self, c: Config) -> None:
         super().__init__()
         vocab = c.schema.behaviour_vocab
-        self.tables = nn.ModuleList(nn.Embedding(v, c.emb_dim) for v in vocab)
+        self.tables = nn.ModuleList(nn.Embedding(v, c.behaviour_dim) for v in vocab)
         for t in self.tables:
             nn.init.normal_(t.weight, std=0.05)
         self.levels = nn.ModuleList(Level(c) for _ in range(c.levels))
@@ -177,7 +179,7 @@ class Model(RankingModel):
         super().__init__(config)
         c = config
         self.pyramid = Pyramid(c)
-        self.interest_proj = PerTokenLinear(c.interest_tokens, len(c.schema.behaviour_vocab) * c.emb_dim, c.dim)
+        self.interest_proj = PerTokenLinear(c.interest_tokens, len(c.schema.behaviour_vocab) * c.behaviour_dim, c.dim)
         self.user_chunk = math.ceil(self.embed.user_width / c.user_tokens)
         self.item_chunk = math.ceil(self.embed.item_width / c.item_tokens)
         self.user_tokenizer = PerTokenLinear(c.user_tokens, self.user_chunk, c.dim)
