@@ -121,10 +121,13 @@ class ProductKeyMemory(nn.Module):
         b = q.shape[0]
         q = q.reshape(b, self.heads, 2, self.half)
         q = F.normalize(q, dim=-1)                                                 # [B,h,2,dq/2]
-        k1 = F.normalize(self.keys1, dim=-1).transpose(1, 2)                      # [h,dq/2,n]
-        k2 = F.normalize(self.keys2, dim=-1).transpose(1, 2)
-        s1 = torch.matmul(q[:, :, 0].unsqueeze(2), k1).squeeze(2) * self.temperature   # [B,h,n]
-        s2 = torch.matmul(q[:, :, 1].unsqueeze(2), k2).squeeze(2) * self.temperature
+        # keys as the MatMul's A operand ([h,n,dq/2] @ [B,h,dq/2,1]): the exporter folds the normalised
+        # keys into a constant, and as A (not a weight B) quantize-w8a16 leaves them float, so weight
+        # rounding never moves the TopK choices through the keys
+        k1 = F.normalize(self.keys1, dim=-1)                                       # [h,n,dq/2]
+        k2 = F.normalize(self.keys2, dim=-1)
+        s1 = torch.matmul(k1, q[:, :, 0].unsqueeze(-1)).squeeze(-1) * self.temperature  # [B,h,n]
+        s2 = torch.matmul(k2, q[:, :, 1].unsqueeze(-1)).squeeze(-1) * self.temperature
         v1, i1 = torch.topk(s1, self.k, dim=-1)                                   # [B,h,k]
         v2, i2 = torch.topk(s2, self.k, dim=-1)
         scores = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).reshape(b, self.heads, self.k * self.k)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mixexport.backends.onnxruntime import DEFAULT_OPTIONS
 from mixexport.bundle import Bundle, Segment
 from mixexport.errors import PreconditionError
 from mixexport.models import FAMILIES, msn
@@ -118,5 +119,7 @@ def test_w8a16_value_table_per_row_int8_survives(sources) -> None:
     ref = source.reference(feeds)["logit"]
     got = wm.run_ort(model, feeds)["logit"]
     assert np.abs(got - ref).max() < 5e-2 * max(1.0, np.abs(ref).max())
-    report = survival_report(model, {"graph_optimization_level": "ORT_ENABLE_ALL"})
+    # with the bundle's session options (they keep 2-D [K,N] weights out of MatMulNBits: see the pass)
+    report = survival_report(model, DEFAULT_OPTIONS)
     assert report["status"] == "PASS", report["failures"]
+    assert report["weights"][table["int8"]] == "ok"
