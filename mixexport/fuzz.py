@@ -265,7 +265,7 @@ def sample_msn(choose: Chooser, moe: bool | None = None, min_width: int = 1,
                       memory_after=choose("memory_after", tuple(range(1, common["layers"] + 1))),
                       sub_keys=sub_keys, memory_heads=choose("memory_heads", (1, 2, 3)),
                       top_k=choose("top_k", tuple(range(1, sub_keys + 1))),
-                      query_dim=choose("query_dim", (2, 4, 8)), value_dim=choose("value_dim", (2, 1, 8, 16)),
+                      query_dim=choose("query_dim", (4, 8)), value_dim=choose("value_dim", (2, 1, 8, 16)),
                       query=choose("query", ("user", "pooled")), **common), None
 
 

@@ -59,7 +59,7 @@ class Config:
     sub_keys: int = 32       # n: sub-keys per half; the memory has n² slots
     memory_heads: int = 2
     top_k: int = 8           # k, static (<= n)
-    query_dim: int = 32      # dq, even
+    query_dim: int = 32      # dq, even, >= 4
     value_dim: int = 32      # dv
     score_scale: float = 10.0
     query: str = "pooled"    # "pooled" (per candidate) or "user" (user-side)
@@ -78,8 +78,9 @@ class Config:
             raise ValueError(f"memory_after ({self.memory_after}) must be in 1..layers ({self.layers})")
         if self.top_k > self.sub_keys:
             raise ValueError(f"top_k ({self.top_k}) must be <= sub_keys ({self.sub_keys})")
-        if self.query_dim % 2:
-            raise ValueError(f"query_dim ({self.query_dim}) must be even: it is split into two halves")
+        if self.query_dim % 2 or self.query_dim < 4:
+            raise ValueError(f"query_dim ({self.query_dim}) must be even and >= 4: it is split into two "
+                             "L2-normalised halves, and a half of width 1 normalises to ±1 (TopK ties)")
         if self.query not in QUERIES:
             raise ValueError(f"query must be one of {QUERIES}, found {self.query!r}")
 

@@ -31,8 +31,8 @@ from tests.conftest import make_checkpoint
 def test_registered_and_config_checks() -> None:
     assert FAMILIES["msn"] is msn and msn.tiny().slots == 1024
     assert msn.large().slots * msn.large().value_dim * 4 >= 2 * 2**30   # the > 2 GB benchmark table
-    for bad, match in [({"top_k": 33}, "top_k"), ({"query_dim": 31}, "even"), ({"query": "item"}, "query"),
-                       ({"memory_after": 3}, "memory_after"), ({"dim": 60}, "divisible")]:
+    for bad, match in [({"top_k": 33}, "top_k"), ({"query_dim": 31}, "even"), ({"query_dim": 2}, ">= 4"),
+                       ({"query": "item"}, "query"), ({"memory_after": 3}, "memory_after"), ({"dim": 60}, "divisible")]:
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(msn.tiny(), **bad)
 
