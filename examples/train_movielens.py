@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     mod = FAMILIES[args.family]
     seq_len = args.seq_len or getattr(mod, "MOVIELENS_SEQ_LEN", 32)
-    data = movielens_100k(seq_len=seq_len)
+    data = movielens_100k(seq_len=seq_len, behaviour_len=getattr(mod, "MOVIELENS_BEHAVIOUR_LEN", 0))
     config = getattr(mod, args.config)(schema=data.schema)
     model = mod.Model(config)
     params = sum(p.numel() for p in model.parameters())

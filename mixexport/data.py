@@ -10,6 +10,12 @@ MovieLens features (all ids are 0-based vocab indices):
 - ``seq_items``: the user's earlier items ordered by (timestamp, item_id), most recent last,
   left-padded with 0. Training rows see the items before them; test rows see the user's history
   before the split time (a request is scored at the split time, so all its candidates share it);
+- ``seq_behaviours`` (only when ``behaviour_len > 0``, read by Pyramid Mixer): the user's earlier
+  ratings split into three behaviour types by rating (disliked 1-2, neutral 3, liked 4-5), the
+  ``behaviour_len`` most recent of each type (most recent last, left-padded with 0), each with
+  ``BEHAVIOUR_ATTRIBUTES`` feature attributes: item id, release-year bucket, primary genre (1 +
+  index of the item's first genre), elapsed-time bucket (1 + min(floor(log2(1 + days before the
+  row's time)), 9); test rows count from the split time). Same history rule as ``seq_items``;
 - label: rating >= 4.
 Split: by time; the last ``test_fraction`` of interactions (by timestamp) form the test split.
 """
@@ -32,6 +38,10 @@ from mixexport.specs import Request, TensorSpec, group_rows, request_from_rows
 
 MOVIELENS = "movielens-100k"
 AGE_BINS = (18, 25, 35, 45, 50, 56)
+#: seq_behaviours: behaviour types by rating (disliked 1-2, neutral 3, liked 4-5) and attributes
+BEHAVIOUR_TYPES = ("disliked", "neutral", "liked")
+BEHAVIOUR_ATTRIBUTES = ("item", "year_bucket", "genre", "elapsed")
+ELAPSED_BUCKETS = 10  # 1 + min(floor(log2(1 + days)), 9); 0 pads
 
 
 @dataclass(frozen=True)
@@ -87,8 +97,9 @@ def _rows(text: str) -> list[list[str]]:
 
 
 @functools.lru_cache(maxsize=4)
-def movielens_100k(seq_len: int = 32, test_fraction: float = 0.2) -> Dataset:
-    """Load MovieLens-100k with the features above (cached per process)."""
+def movielens_100k(seq_len: int = 32, test_fraction: float = 0.2, behaviour_len: int = 0) -> Dataset:
+    """Load MovieLens-100k with the features above (cached per process); ``behaviour_len > 0``
+    adds ``seq_behaviours``."""
     from mixexport.models import FeatureSchema  # torch-importing; only needed here
 
     users = _rows(_ml_file("user"))
@@ -133,21 +144,59 @@ def movielens_100k(seq_len: int = 32, test_fraction: float = 0.2) -> Dataset:
             if not is_test[row]:
                 history.append(int(inter[row, 1]))
 
+    behaviours = None
+    if behaviour_len > 0:
+        genre = np.where(item_dense.any(1), item_dense.argmax(1) + 1, 0)  # first genre (sorted order) + 1
+        behaviours = _behaviours(inter, is_test, int(cut_time), behaviour_len, item_cat[:, 1], genre)
+
     def split(mask: np.ndarray) -> Split:
         rows = inter[mask]
         feeds = {"user_cat": user_cat[rows[:, 0]], "item_cat": item_cat[rows[:, 1]],
                  "item_dense": item_dense[rows[:, 1]], "seq_items": seq[mask]}
+        if behaviours is not None:
+            feeds["seq_behaviours"] = behaviours[mask]
         return Split(feeds=feeds, label=(rows[:, 2] >= 4).astype(np.float32), user_key=rows[:, 0].copy())
 
+    extra = {} if behaviour_len <= 0 else {
+        "behaviour_len": behaviour_len, "behaviour_types": len(BEHAVIOUR_TYPES),
+        "behaviour_vocab": (n_item, 17, len(genres) + 1, ELAPSED_BUCKETS + 1)}
     schema = FeatureSchema(user_vocab=(n_user, len(AGE_BINS) + 1, 2, len(occupations), 11),
                            item_vocab=(n_item, 17), item_dense=len(genres), seq_len=seq_len,
-                           seq_vocab=n_item)
+                           seq_vocab=n_item, **extra)
     train, test = split(~is_test), split(is_test)
     info = {"name": MOVIELENS, "source": "recbole==1.2.1 dataset_example/ml-100k",
             "train_rows": len(train), "test_rows": len(test), "test_users": len(np.unique(test.user_key)),
             "split_time": int(cut_time), "positive_rate_test": float(test.label.mean()),
-            "seq_len": seq_len}
+            "seq_len": seq_len, **({"behaviour_len": behaviour_len} if behaviour_len > 0 else {})}
     return Dataset(name=MOVIELENS, schema=schema, train=train, test=test, info=info)
+
+
+def _behaviours(inter: np.ndarray, is_test: np.ndarray, cut_time: int, length: int, year: np.ndarray,
+                genre: np.ndarray) -> np.ndarray:
+    """``[rows, types, length, attributes]``: per row, the ``length`` most recent earlier ratings of
+    each behaviour type (see the module docstring), under the same history rule as ``seq_items``."""
+    out = np.zeros((len(inter), len(BEHAVIOUR_TYPES), length, len(BEHAVIOUR_ATTRIBUTES)), dtype=np.int64)
+    kind = np.searchsorted((3, 4), inter[:, 2], side="right")  # rating 1-2 → 0, 3 → 1, 4-5 → 2
+    attrs = np.stack([inter[:, 1], year[inter[:, 1]], genre[inter[:, 1]]], 1)
+    now = np.where(is_test, cut_time, inter[:, 3])
+    order = np.lexsort((inter[:, 1], inter[:, 3], inter[:, 0]))  # by user, then (timestamp, item_id)
+    starts = np.flatnonzero(np.r_[True, inter[order[1:], 0] != inter[order[:-1], 0]])
+    steps = np.arange(length)
+    for rows in np.split(order, starts[1:]):
+        for b in range(len(BEHAVIOUR_TYPES)):
+            counts = (~is_test[rows] & (kind[rows] == b)).astype(np.int64)
+            own = rows[counts.astype(bool)]                  # this type's history rows, in time order
+            if not len(own):
+                continue
+            before = np.cumsum(counts) - counts              # history length at each row (strictly before)
+            pos = before[:, None] - length + steps[None, :]  # [rows, length] into `own`, < 0 pads
+            ok = pos >= 0
+            past = own[np.where(ok, pos, 0)]
+            days = np.maximum(now[rows][:, None] - inter[past, 3], 0) // 86400
+            elapsed = 1 + np.minimum(np.floor(np.log2(1 + days)).astype(np.int64), ELAPSED_BUCKETS - 1)
+            block = np.concatenate([attrs[past], elapsed[..., None]], -1)  # [rows, length, 4]
+            out[rows, b] = np.where(ok[..., None], block, 0)
+    return out
 
 
 def load_npz_split(path: str | Path, specs: tuple[TensorSpec, ...]) -> Split:

@@ -56,6 +56,8 @@ INT8_COMBOS: dict[str, tuple[tuple[str, ...], ...]] = {
     "tokenmixer-large": ((PACK, INT8),),
     "mixformer": ((SPLIT, INT8),),
 }
+COMBOS.update({"pyramid-mixer": ((), (SPLIT,), (QUANT,), (SPLIT, QUANT)),
+               "msn": ((), (SPLIT,), (QUANT,), (SPLIT, QUANT))})
 USER_INDEX_MODES = ("interleaved", "blocks", "random", "first-user")
 #: Smallest normalised width (LayerNorm/RMSNorm) of cases with quantize-w8a16. A norm over 1-2
 #: values is a (near) sign function: any weight rounding can flip it, so w8a16's 5e-2 tolerance
@@ -265,11 +267,51 @@ def sample_mixformer(choose: Chooser, min_width: int = 1, split: bool = False, q
                             ffn_mult=choose("ffn_mult", (1, 2)), **_common(choose)), None
 
 
+def sample_pyramid_mixer(choose: Chooser, moe: bool | None = None, min_width: int = 1,
+                         **_: Any) -> tuple[Any, int | None]:
+    """behaviour_len = periods · pool^levels; dim = T · head width with T = types · periods + Tu + Tg."""
+    from mixexport.models import pyramid_mixer
+
+    pool, levels, periods = choose("pool", (2, 1, 3)), choose("levels", (1, 2, 3)), choose("periods", (1, 2))
+    types = choose("behaviour_types", (1, 2, 3))
+    attrs = choose("behaviour_attributes", (1, 2, 4))
+    vocab = (choose("behaviour_item_vocab", (2, 11, 50)),) + tuple(
+        choose(f"behaviour_vocab_{i}", (1, 2, 7)) for i in range(1, attrs))
+    schema = dataclasses.replace(_schema(choose, _seq_len(choose)), behaviour_len=periods * pool ** levels,
+                                 behaviour_types=types, behaviour_vocab=vocab)
+    tu, tg = choose("user_tokens", (1, 2)), choose("item_tokens", (1, 2))
+    tokens = types * periods + tu + tg
+    return pyramid_mixer.Config(schema=schema, levels=levels, pool=pool, mix_mult=choose("mix_mult", (1, 2)),
+                                user_tokens=tu, item_tokens=tg,
+                                dim=choose("dim", _widths(tokens, (1, 2, 4), min_width)),
+                                ffn_mult=choose("ffn_mult", (1, 2)), **_common(choose)), None
+
+
+def sample_msn(choose: Chooser, moe: bool | None = None, min_width: int = 1,
+               **_: Any) -> tuple[Any, int | None]:
+    """MSN: dim = (Tu + Tg) · head width, top_k <= sub_keys, memory after one of the blocks; the
+    query is drawn (``user``: split-user-item moves the memory read into the user segment)."""
+    from mixexport.models import msn
+
+    tu, tg = choose("user_tokens", (1, 2, 3, 4)), choose("item_tokens", (1, 2, 3, 4))
+    dim = choose("dim", _widths(tu + tg, (2, 1, 4, 8), min_width))
+    sub_keys = choose("sub_keys", (2, 3, 4, 8))
+    common = _common(choose)
+    return msn.Config(schema=_schema(choose, _seq_len(choose)), user_tokens=tu, item_tokens=tg, dim=dim,
+                      ffn_mult=choose("ffn_mult", (1, 2)),
+                      memory_after=choose("memory_after", tuple(range(1, common["layers"] + 1))),
+                      sub_keys=sub_keys, memory_heads=choose("memory_heads", (1, 2, 3)),
+                      top_k=choose("top_k", tuple(range(1, sub_keys + 1))),
+                      query_dim=choose("query_dim", (4, 8)), value_dim=choose("value_dim", (2, 1, 8, 16)),
+                      query=choose("query", ("user", "pooled")), **common), None
+
+
 SAMPLERS: dict[str, Callable[..., tuple[Any, int | None]]] = {
     "rankmixer": sample_rankmixer, "ugsep": sample_ugsep, "longer": sample_longer,
     "rankmixer-moe": sample_rankmixer_moe, "tokenmixer-large": sample_tokenmixer_large,
     "mixformer": sample_mixformer,
 }
+SAMPLERS.update({"pyramid-mixer": sample_pyramid_mixer, "msn": sample_msn})
 
 
 def make_case(family: str, passes: tuple[str, ...], choose: Chooser, seed: int) -> Case:

@@ -30,6 +30,10 @@ class FeatureSchema:
     ``user_cat [B, len(user_vocab)]`` and ``item_cat [B, len(item_vocab)]`` hold one categorical id
     per column (column j in ``[0, vocab[j])``); ``item_dense [B, item_dense]`` float features;
     ``seq_items [B, seq_len]`` the user's earlier items, most recent last, 0 = padding.
+    With ``behaviour_len > 0`` (multi-behaviour models: Pyramid Mixer) also
+    ``seq_behaviours [B, behaviour_types, behaviour_len, len(behaviour_vocab)]``: per behaviour type
+    the user's most recent behaviours (most recent last), each with one id per feature attribute
+    (column j in ``[0, behaviour_vocab[j])``; an item id 0 in column 0 = padding).
     The defaults are a small synthetic schema; the MovieLens loader builds the real one.
     """
 
@@ -38,12 +42,19 @@ class FeatureSchema:
     item_dense: int = 19
     seq_len: int = 16
     seq_vocab: int = 100
+    behaviour_len: int = 0                                 # 0: no seq_behaviours input
+    behaviour_types: int = 3
+    behaviour_vocab: tuple[int, ...] = (100, 17, 20, 11)   # item, year bucket, genre, elapsed bucket
 
     def __post_init__(self) -> None:
         if not self.user_vocab or not self.item_vocab or min(self.user_vocab + self.item_vocab) < 1:
             raise ValueError("schema needs at least one user and one item column, vocab sizes >= 1")
         if self.item_dense < 1 or self.seq_len < 1 or self.seq_vocab < 2:
             raise ValueError("schema needs item_dense >= 1, seq_len >= 1 and seq_vocab >= 2")
+        if self.behaviour_len < 0 or self.behaviour_types < 1 or not self.behaviour_vocab \
+                or min(self.behaviour_vocab) < 1 or self.behaviour_vocab[0] < 2:
+            raise ValueError("schema needs behaviour_len >= 0, behaviour_types >= 1 and behaviour_vocab sizes "
+                             ">= 1 (>= 2 for the item column: id 0 pads)")
 
     def input_specs(self, batch: str = "batch") -> tuple[TensorSpec, ...]:
         return (
@@ -52,7 +63,9 @@ class FeatureSchema:
             TensorSpec("item_dense", "float32", (batch, self.item_dense), "item"),
             TensorSpec("seq_items", "int64", (batch, self.seq_len), "sequence",
                        vocab=self.seq_vocab),
-        )
+        ) + ((TensorSpec("seq_behaviours", "int64",
+                         (batch, self.behaviour_types, self.behaviour_len, len(self.behaviour_vocab)),
+                         "sequence", vocab=self.behaviour_vocab),) if self.behaviour_len > 0 else ())
 
 
 def random_feeds(schema: FeatureSchema, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -61,12 +74,20 @@ def random_feeds(schema: FeatureSchema, rows: int, seed: int = 0) -> dict[str, n
     seq = rng.integers(1, schema.seq_vocab, size=(rows, schema.seq_len))
     pad = rng.integers(0, schema.seq_len + 1, size=rows)  # leading padding length per row
     seq[np.arange(schema.seq_len)[None, :] < pad[:, None]] = 0
-    return {
+    feeds = {
         "user_cat": np.stack([rng.integers(0, v, rows) for v in schema.user_vocab], 1),
         "item_cat": np.stack([rng.integers(0, v, rows) for v in schema.item_vocab], 1),
         "item_dense": rng.standard_normal((rows, schema.item_dense)).astype(np.float32),
         "seq_items": seq.astype(np.int64),
     }
+    if schema.behaviour_len > 0:
+        nb, length = schema.behaviour_types, schema.behaviour_len
+        beh = np.stack([rng.integers(1 if j == 0 else 0, v, (rows, nb, length))
+                        for j, v in enumerate(schema.behaviour_vocab)], -1)
+        pad = rng.integers(0, length + 1, size=(rows, nb))  # leading padding per (row, type)
+        beh[np.arange(length)[None, None, :] < pad[:, :, None]] = 0
+        feeds["seq_behaviours"] = beh.astype(np.int64)
+    return feeds
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -21,7 +21,10 @@ Cases handled:
 
 Report: FLOPs per user (user segment), per candidate (item segment) and per row (unsplit); the
 boundary tensors with their bytes per user; the predicted speed-up ``N·F / (F_user + N·F_item)``
-at N ∈ {1, 16, 64, 256, 1024}.
+at N ∈ {1, 16, 64, 256, 1024}; ``sparse_reads``: every TopK-selected memory read (a TopK whose
+indices reach a Gather/embedding lookup, as in MSN's product-key memory) with the side it runs on —
+``user`` (its query reads only user inputs: it moves into the user segment and runs once per user)
+or ``item`` (its query reads the candidate: it stays per candidate).
 
 Precondition: the program has one full segment with user and item inputs, and some matrix
 multiply is user-only and reads the user (profile) features — user-only work on the behaviour
@@ -87,10 +90,11 @@ def requires(bundle: Bundle) -> None:
     also = (f"; the {seq_only} user-only matrix multiplies read the sequence alone "
             f"({', '.join(sorted(set().union(*(reads[n] for n in user_matmuls))))}): that part is "
             "extract-kv-cache's" if seq_only else "")
+    sparse = "".join(f"; the memory read at {r['topk']} is {r['side']}-side" for r in _sparse_reads(a))
     raise PreconditionError(
         f"split-user-item needs user-only computation past the embeddings (user tokens kept in their "
         f"own tensors, as in UG-Sep or UI-MixFormer's user heads); found {n_user} user-side ops reading "
-        f"the user inputs {sorted(sources)} and none is a matrix multiply: {where}{also}",
+        f"the user inputs {sorted(sources)} and none is a matrix multiply: {where}{also}{sparse}",
         "use a model whose user tokens stay separate (family ugsep, or mixformer with ui=true), or build "
         "without this pass")
 
@@ -169,7 +173,40 @@ def _report(a: Analysis, seg: Segment, user_ep: Any, item_ep: Any, user_specs: t
         "boundary_bytes_per_user": sum(per_user_bytes.values()),
         "predicted_speedup": {str(n): (n * f_full) / (f_user + n * f_item) if f_user + n * f_item else None
                               for n in PREDICT_AT},
+        "sparse_reads": _sparse_reads(a),
     }
+
+
+TOPK = torch.ops.aten.topk.default
+LOOKUPS = {torch.ops.aten.embedding.default, torch.ops.aten.index_select.default, torch.ops.aten.index.Tensor}
+
+
+def _sparse_reads(a: Analysis) -> list[dict[str, Any]]:
+    """TopK-selected table reads (MSN's memory): the first TopK of each read and the side its query is on.
+
+    A read is a Gather/embedding lookup of a parameter whose indices descend from TopK outputs; its
+    side is the role of the TopK that starts it (``user``: the read moves into the user segment).
+    """
+    reads: dict[str, dict[str, Any]] = {}
+    order = {n: i for i, n in enumerate(a.roles)}
+    for node in a.roles:
+        if node.op != "call_function" or node.target not in LOOKUPS:
+            continue
+        stack, seen, topks = list(node.all_input_nodes), set(), []
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "call_function" and n.target == TOPK:
+                topks.append(n)
+            stack.extend(n.all_input_nodes)
+        if topks:
+            first = min(topks, key=lambda t: order.get(t, 0))
+            side = "user" if all(a.roles.get(t) == "user" for t in topks) else "item"
+            reads[node.name] = {"lookup": node.name, "topk": first.name, "topks": len(topks), "side": side,
+                                "segment": "user" if side == "user" else "item"}
+    return list(reads.values())
 
 
 def ensures(before: Bundle, after: Bundle, options: Options) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def _labelled_split(source: Source, data: str | Path | None) -> tuple[Split | No
         if reason:
             return None, f"{reason} (pip install --no-deps recbole==1.2.1)"
         schema = source.module.config.schema  # type: ignore[union-attr]
-        ds = movielens_100k(seq_len=schema.seq_len)
+        ds = movielens_100k(seq_len=schema.seq_len, behaviour_len=schema.behaviour_len)
         if ds.schema != schema:
             raise BadInputError(f"the model's feature schema {schema} differs from MovieLens-100k's {ds.schema}",
                                 "pass the data the model was trained on with --data")
