@@ -70,9 +70,10 @@ class CacheSpec:
     behaviours along each tensor's ``seq_axis``; ``appendable`` when positions are independent.
 
     ``layout`` declares every tensor: ``kind`` (``keys`` or ``values`` of sequence attention number
-    ``attention``, in graph order, or ``other``, e.g. a padding mask) and ``positions``: ``"per-position"`` (its ``seq_axis`` grows
-    with the sequence) or ``"window"`` (a fixed number of the most recent positions, ``window``
-    of them, recomputed from the newest behaviours on an append)."""
+    ``attention``, in graph order, or ``other``, e.g. a padding mask) and ``positions``:
+    ``"per-position"`` (its ``seq_axis`` grows with the sequence) or ``"window"`` (a fixed number of
+    the most recent positions, ``window`` of them, recomputed from the newest behaviours on an
+    append)."""
 
     name: str
     producer: str
