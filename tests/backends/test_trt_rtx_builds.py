@@ -38,8 +38,9 @@ COMBOS = combinations()
 
 
 #: Fewer layers than the tiny configs where that keeps every block kind (LONGER: one cross-attention
-#: and one self-attention layer; TokenMixer-Large: an inter-layer residual): export time is per layer.
-LAYERS = {"longer": 2, "tokenmixer-large": 3}
+#: and one self-attention layer; TokenMixer-Large: an inter-layer residual; HyFormer: every layer has
+#: the same blocks): export time is per layer.
+LAYERS = {"longer": 2, "tokenmixer-large": 3, "hyformer": 1}
 
 
 @pytest.fixture(scope="module")
