@@ -239,9 +239,14 @@ class Model(RankingModel):
         return tuple(TensorSpec(s.name, s.dtype, ("batch", "seq"), s.role, s.vocab) if s.name == "seq_items" else s
                      for s in specs)
 
+    def dim_multiples(self) -> dict[str, tuple[str, int]]:
+        """One behaviour per cached position: ``seq`` = 1 · ``groups`` (the cache's axis), so every
+        segment's sequence axes share one base (TensorRT profiles, runtime checks)."""
+        return {"seq": ("groups", 1)}
+
     def dim_minimums(self) -> dict[str, int]:
         """The recent window reads the last ``recent`` items; a size-1 axis would not export."""
-        return {"seq": max(2, self.config.recent)}
+        return {"groups": max(2, self.config.recent)}
 
     def example_inputs(self, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
         schema = self.config.schema
