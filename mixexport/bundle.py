@@ -67,7 +67,13 @@ class Segment:
 class CacheSpec:
     """A per-user cache the later segments read (e.g. the K/V of the behaviour sequence): built by
     the ``producer`` segment from the sequence ``input``, one position per ``items_per_position``
-    behaviours along each tensor's ``seq_axis``; ``appendable`` when positions are independent."""
+    behaviours along each tensor's ``seq_axis``; ``appendable`` when positions are independent.
+
+    ``layout`` declares every tensor: ``kind`` (``keys`` or ``values`` of sequence attention number
+    ``attention``, in graph order, or ``other``, e.g. a padding mask) and ``positions``:
+    ``"per-position"`` (its ``seq_axis`` grows with the sequence) or ``"window"`` (a fixed number of
+    the most recent positions, ``window`` of them, recomputed from the newest behaviours on an
+    append)."""
 
     name: str
     producer: str
@@ -77,6 +83,7 @@ class CacheSpec:
     items_per_position: int
     bytes_per_position: int
     appendable: bool
+    layout: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -45,6 +45,9 @@ COMBOS: dict[str, tuple[tuple[str, ...], ...]] = {
     "rankmixer-moe": ((), (PACK,), (QUANT,), (PACK, QUANT)),
     "tokenmixer-large": ((), (PACK,), (QUANT,), (PACK, QUANT)),
     "mixformer": ((), (SPLIT,), (QUANT,), (SPLIT, QUANT)),
+    "hyformer": ((), (KV,), (QUANT,), (KV, QUANT)),
+    "pyramid-mixer": ((), (SPLIT,), (QUANT,), (SPLIT, QUANT)),
+    "msn": ((), (SPLIT,), (QUANT,), (SPLIT, QUANT)),
 }
 #: int8 compute (``--precision int8``) after each family's serving pass: listed after every COMBOS
 #: combination, so the indices of those (and the CI slice's cases of them) are unchanged.
@@ -56,8 +59,6 @@ INT8_COMBOS: dict[str, tuple[tuple[str, ...], ...]] = {
     "tokenmixer-large": ((PACK, INT8),),
     "mixformer": ((SPLIT, INT8),),
 }
-COMBOS.update({"pyramid-mixer": ((), (SPLIT,), (QUANT,), (SPLIT, QUANT)),
-               "msn": ((), (SPLIT,), (QUANT,), (SPLIT, QUANT))})
 USER_INDEX_MODES = ("interleaved", "blocks", "random", "first-user")
 #: Smallest normalised width (LayerNorm/RMSNorm) of cases with quantize-w8a16. A norm over 1-2
 #: values is a (near) sign function: any weight rounding can flip it, so w8a16's 5e-2 tolerance
@@ -306,12 +307,33 @@ def sample_msn(choose: Chooser, moe: bool | None = None, min_width: int = 1,
                       query=choose("query", ("user", "pooled")), **common), None
 
 
+def sample_hyformer(choose: Chooser, moe: bool | None = None, min_width: int = 1,
+                    **_: Any) -> tuple[Any, int | None]:
+    """dim: a multiple of both the token count T = 2·queries + user_tokens + item_tokens and heads;
+    seq_len >= recent (and 2); the request may use another valid length."""
+    import math
+
+    from mixexport.models import hyformer
+
+    tu, tg = choose("user_tokens", (1, 2, 3)), choose("item_tokens", (1, 2, 3))
+    queries, heads = choose("queries", (1, 2)), choose("heads", (1, 2, 4))
+    step = math.lcm(2 * queries + tu + tg, heads)
+    recent = choose("recent", (2, 1, 3, 5))
+    seq_len = max(2, recent) + choose("extra_items", (1, 0, 3, 9))
+    dims = [d for d in (step * m for m in range(1, 9)) if d >= min_width][:2]
+    config = hyformer.Config(schema=_schema(choose, seq_len), dim=choose("dim", dims),
+                             user_tokens=tu, item_tokens=tg, queries=queries, recent=recent, heads=heads,
+                             encoder=choose("encoder", hyformer.ENCODERS), ffn_mult=choose("ffn_mult", (1, 2)),
+                             **_common(choose))
+    return config, choose("request_seq_len", (seq_len, max(2, recent), seq_len + 1, seq_len + 6))
+
+
 SAMPLERS: dict[str, Callable[..., tuple[Any, int | None]]] = {
     "rankmixer": sample_rankmixer, "ugsep": sample_ugsep, "longer": sample_longer,
     "rankmixer-moe": sample_rankmixer_moe, "tokenmixer-large": sample_tokenmixer_large,
-    "mixformer": sample_mixformer,
+    "mixformer": sample_mixformer, "hyformer": sample_hyformer, "pyramid-mixer": sample_pyramid_mixer,
+    "msn": sample_msn,
 }
-SAMPLERS.update({"pyramid-mixer": sample_pyramid_mixer, "msn": sample_msn})
 
 
 def make_case(family: str, passes: tuple[str, ...], choose: Chooser, seed: int) -> Case:

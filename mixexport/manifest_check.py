@@ -362,6 +362,16 @@ def _caches(c: _Check, value: Any, segments: list[dict[str, Any]], inputs: Mappi
         c.integer(cache["bytes_per_position"], f"{where}.bytes_per_position", hi=2**62)
     if not isinstance(cache["appendable"], bool):
         raise c.fail(f"{where}.appendable", f"must be true or false, found {_kind(cache['appendable'])}")
+    if "layout" in cache:
+        layout = c.obj(cache["layout"], f"{where}.layout")
+        if set(layout) - set(outs):
+            raise c.fail(f"{where}.layout", f"describes tensors that are not the cache segment's outputs {sorted(outs)}")
+        for name, entry in layout.items():
+            entry = c.obj(entry, f"{where}.layout[{name!r}]")
+            if entry.get("positions") not in ("per-position", "window"):
+                raise c.fail(f"{where}.layout[{name!r}].positions", "must be 'per-position' or 'window'")
+            if entry["positions"] == "window":
+                c.integer(entry.get("window"), f"{where}.layout[{name!r}].window", lo=1, hi=2**20)
 
 
 def _w8a16_report(c: _Check, report: dict[str, Any], where: str) -> None:

@@ -312,19 +312,29 @@ class Runtime:
             return None
         old_seq, new_seq = old[seq_name][0], new[seq_name][0]
         s_old, s_new = len(old_seq), len(new_seq)
+        # window tensors (a fixed number of the most recent positions) are recomputed whole from the
+        # newest behaviours: the fresh run then covers at least the window (and the segment's minimum)
+        windows = {t for t, v in (spec.get("layout") or {}).items() if v.get("positions") == "window"}
+        need = max([2] + [int(spec["layout"][t]["window"]) for t in windows]) * k if windows else 0
+        need = max(need, int(self.minimums.get("seq", 0))) if windows else 0
         for m in range(k, s_new, k):  # smallest number of appended items that explains the change (some kept)
             keep = s_new - m
             if keep <= s_old and (s_old - keep) % k == 0 and np.array_equal(new_seq[:keep], old_seq[s_old - keep:]):
                 # one new position is computed beside the last kept one (a torch.export program takes
                 # no size-1 axis; positions are independent, so the extra one is dropped again)
                 ctx = k if m == k else 0
+                if m + ctx < need:
+                    ctx = -(-(need - m) // k) * k
+                if ctx > keep:
+                    return None  # the window reaches back past what is kept: a rebuild
                 fresh = self._run(seg, {n: (new[n][:, keep - ctx:] if n == seq_name else new[n]) for n in new})
                 drop = (s_old - keep) // k
                 seq_axes = spec["seq_axis"]
-                return {t: np.concatenate([np.take(entry[t], np.arange(drop, entry[t].shape[seq_axes[t]]),
-                                                   axis=seq_axes[t]),
-                                           np.take(fresh[t], np.arange(ctx // k, fresh[t].shape[seq_axes[t]]),
-                                                   axis=seq_axes[t])], axis=seq_axes[t]) for t in axes}
+                return {t: fresh[t] if t in windows else
+                        np.concatenate([np.take(entry[t], np.arange(drop, entry[t].shape[seq_axes[t]]),
+                                                axis=seq_axes[t]),
+                                        np.take(fresh[t], np.arange(ctx // k, fresh[t].shape[seq_axes[t]]),
+                                                axis=seq_axes[t])], axis=seq_axes[t]) for t in axes}
         return None
 
 

@@ -28,12 +28,12 @@ import torch
 
 from mixexport.errors import BadInputError
 
-from . import longer, mixformer, msn, pyramid_mixer, rankmixer, rankmixer_moe, tokenmixer_large, ugsep
+from . import hyformer, longer, mixformer, msn, pyramid_mixer, rankmixer, rankmixer_moe, tokenmixer_large, ugsep
 from .common import FeatureSchema, RankingModel, config_from_dict, config_to_dict, random_feeds
 
 CHECKPOINT_FORMAT = "mixexport.ckpt/1"
 FAMILIES: dict[str, ModuleType] = {m.FAMILY: m for m in (rankmixer, ugsep, longer, rankmixer_moe, tokenmixer_large,
-                                                            mixformer, pyramid_mixer, msn)}
+                                                            mixformer, pyramid_mixer, msn, hyformer)}
 
 __all__ = ["CHECKPOINT_FORMAT", "FAMILIES", "Checkpoint", "FeatureSchema", "RankingModel",
            "create_model", "default_passes", "family_module", "load_checkpoint", "random_feeds", "save_checkpoint"]

@@ -1,5 +1,5 @@
-"""``extract-kv-cache`` (LONGER serving): compute the behaviour sequence's K/V once per user, keep them
-in a per-user cache across requests, and run only the candidates' queries against them.
+"""``extract-kv-cache`` (LONGER and HyFormer serving): compute the behaviour sequences' K/V once per
+user, keep them in a per-user cache across requests, and run only the candidates' queries against them.
 
 Cases handled:
 - attention is found in both forms: ``scaled_dot_product_attention`` and the decomposed
@@ -8,13 +8,21 @@ Cases handled:
   reads are split into the **cache** — tensors with a per-position sequence axis (the K/V of the
   merged behaviours, their padding mask) — and the **user state** (the rest: e.g. the K/V of
   user-only global tokens and of the recent-behaviour queries of later layers);
+- **windows**: the keys or values of a sequence attention that are computed from the sequence input
+  alone but over a fixed number of its most recent positions (HyFormer's short recent sequence)
+  are cached too, as ``window`` tensors: every layer's K/V of every sequence is in the cache, each
+  tensor declared in the manifest (``layout``: keys / values / other, per-position / window);
 - three segments: ``cache`` (sequence → cache tensors, dynamic sequence axis), ``user`` (user
   inputs + cache → state; omitted when there is no state) and ``item`` (cache + state + item
   inputs + ``user_index`` → scores, the per-user tensors gathered to the candidates in-graph);
-- **append**: when the cache built for a window equals the concatenation of the caches of its two
-  halves (checked numerically here, at a group boundary), the K/V of a position depend only on that
-  position: new behaviours can be appended (and old ones slid out) without recomputing the rest.
-  The manifest says ``appendable`` and the runtime then extends a cached user incrementally.
+- **append**, derived, never assumed: when the per-position tensors built for a window equal the
+  concatenation of those of its two halves, and the window tensors built from its second half equal
+  those of the whole (checked numerically here, at a group boundary), the K/V of a position depend
+  only on that position: new behaviours can be appended (and old ones slid out) without recomputing
+  the rest. The manifest says ``appendable`` and the runtime then extends a cached user
+  incrementally (recomputing only the window tensors, from the newest behaviours). A sequence
+  encoder that mixes positions (self-attention) fails the check: the cache is declared not
+  appendable, and the runtime rebuilds a user whose history changed (a miss).
 
 Refused with a precondition error: no attention over the sequence; a static sequence axis (the
 program must be exported with a dynamic ``seq`` axis); and BST-style models, where the candidate
@@ -58,6 +66,7 @@ class Plan:
     cache: list[fx.Node]
     state: list[fx.Node]
     attentions: list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]
+    layout: dict[fx.Node, dict[str, Any]]  # per cache node: kind, attention, positions (+ window, axis)
 
 
 def _strip_views(node: fx.Node) -> fx.Node:
@@ -85,6 +94,33 @@ def find_attention(a: Analysis) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node
             if out is not None:
                 found.append((out, cur.args[0], _strip_views(cur.args[1]), out.args[1]))
     return found
+
+
+def _kv_operands(a: Analysis) -> dict[fx.Node, tuple[str, int, fx.Node]]:
+    """The exact K and V operands of every attention → (keys/values, key axis, attention node).
+
+    ``matmul(q, Kᵀ)``: the key axis of ``Kᵀ`` is its last; ``matmul(p, V)`` and SDPA: the one
+    before last."""
+    out: dict[fx.Node, tuple[str, int, fx.Node]] = {}
+    for node in a.gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target == torch.ops.aten.scaled_dot_product_attention.default:
+            out[node.args[1]] = ("keys", len(node.args[1].meta["val"].shape) - 2, node)
+            out[node.args[2]] = ("values", len(node.args[2].meta["val"].shape) - 2, node)
+        elif node.target in SOFTMAX:
+            cur = node.args[0]
+            while cur.op == "call_function" and cur.target in SCORE_OPS:
+                cur = next((x for x in cur.args if isinstance(x, fx.Node) and a.roles.get(x) != "const"
+                            and a.roles.get(x) != "size"), cur.args[0])
+            if cur.op != "call_function" or cur.target not in MATMUL:
+                continue
+            out_mm = next((u for u in node.users if u.op == "call_function" and u.target in MATMUL
+                           and u.args[0] is node), None)
+            if out_mm is not None:
+                out[cur.args[1]] = ("keys", len(cur.args[1].meta["val"].shape) - 1, out_mm)
+                out[out_mm.args[1]] = ("values", len(out_mm.args[1].meta["val"].shape) - 2, out_mm)
+    return out
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
@@ -131,12 +167,37 @@ def plan(bundle: Bundle) -> Plan:
                                 "export with dynamic_shapes giving the sequence axis a Dim (reference families do)")
     groups_expr = _per_position_expr(seq_len)
     cut = boundary(a)
-    cache = [n for n in cut if groups_expr in _shape(n)]
+    operands = _kv_operands(a)
+    layout: dict[fx.Node, dict[str, Any]] = {}
+    order = {t[0]: i for i, t in enumerate(attn)}  # the sequence attentions, in graph order
+    for n in cut:
+        kind, axis, at = operands.get(n, ("other", -1, None))
+        entry = {"kind": kind, **({"attention": order[at]} if at in order else {})}
+        if groups_expr in _shape(n):
+            layout[n] = {**entry, "positions": "per-position"}
+        elif at is not None and _seq_only(a, n, ph) and _shape(n)[axis].isdigit():
+            layout[n] = {**entry, "positions": "window", "window": int(_shape(n)[axis]), "axis": axis}
+    cache = [n for n in cut if n in layout]
     state = [n for n in cut if n not in cache]
     if not cache:
         raise PreconditionError(f"extract-kv-cache: no user-side tensor with a per-position sequence axis "
                                 f"({groups_expr}) reaches the per-candidate side", "nothing to cache")
-    return Plan(a, seq.name, groups_expr, cache, state, attn)
+    return Plan(a, seq.name, groups_expr, cache, state, attn, layout)
+
+
+def _seq_only(a: Analysis, node: fx.Node, seq_ph: fx.Node) -> bool:
+    """Computed from the sequence input alone (and parameters; sizes are re-derived per segment):
+    the same for every request of a user."""
+    seen, stack, inputs = set(), [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or a.roles.get(n) == "size":
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            inputs.add(n)
+        stack.extend(n.all_input_nodes)
+    return inputs == {seq_ph}
 
 
 def _keys_cacheable(a: Analysis, keys: fx.Node, seq_ph: fx.Node) -> bool:
@@ -217,21 +278,30 @@ def extract_kv_cache(bundle: Bundle, options: Options) -> PassResult:
     values: dict[str, np.ndarray] = {**request.user, **request.item, USER_INDEX.name: request.user_index}
     programs = {}
     minimums = dim_minimums(seg.program, dims)
+    windows = {spec.name: p.layout[n] for n, spec in zip(p.cache, cache_specs) if p.layout[n]["positions"] == "window"}
+    # the cache is per position: it takes any number of them (an append may add a single one), unless it
+    # has window tensors (they read the last `window` positions: the model's bound stays); the user and
+    # item segments keep the bounds the whole model proved (groups >= recent)
+    cache_minimums = {"users": minimums.get("users", 1)}
+    if windows:
+        groups_min = minimums.get("groups", 1)
+        cache_minimums.update(groups=groups_min, seq=max(minimums.get("seq", 1), groups_min * k))
     for name, gm, ins, outs in segments_gm:
         feeds = {s.name: values[s.name] for s in ins}
-        # the cache is per position: it takes any number of them (an append may add a single one),
-        # while the user and item segments keep the bounds the whole model proved (groups >= recent)
-        programs[name] = export_segment(gm, ins, feeds, multiples,
-                                        {"users": minimums.get("users", 1)} if name == "cache" else minimums)
+        programs[name] = export_segment(gm, ins, feeds, multiples, cache_minimums if name == "cache" else minimums)
         values.update(run_program(programs[name], feeds, outs))
-    axes = {s.name: s.shape.index("groups") for s in cache_specs}
+    axes = {s.name: windows[s.name]["axis"] if s.name in windows else s.shape.index("groups") for s in cache_specs}
     from mixexport.verification.compare import DEFAULT_TOLERANCES
 
     append_atol = options.check_atol if bundle.precision == "fp32" else DEFAULT_TOLERANCES[bundle.precision][1]
-    append = _append_check(programs["cache"], cache_inputs, cache_specs, axes, request, p.seq_input, k, append_atol)
+    append = _append_check(programs["cache"], cache_inputs, cache_specs, axes, request, p.seq_input, k, append_atol,
+                           windows, max(minimums.get("groups", 1), 2))
+    layout = {spec.name: {key: v for key, v in p.layout[n].items() if key != "axis"}
+              for n, spec in zip(p.cache, cache_specs)}
     cache = CacheSpec(name="kv", producer="cache", tensors=cache_specs, seq_axis=axes, input=p.seq_input,
                       items_per_position=k, appendable=append["appendable"],
-                      bytes_per_position=sum(_bytes_per_position(s) for s in cache_specs))
+                      bytes_per_position=sum(_bytes_per_position(s) for s in cache_specs if s.name not in windows),
+                      layout=layout)
     new = tuple(Segment(name, name, ins, outs, program=programs[name]) for name, _, ins, outs in segments_gm)
     report = _report(p, seg, programs, segments_gm, request, cache, append, state_specs)
     return PassResult(bundle.replace(segments=new, caches=(cache,)), report)
@@ -242,28 +312,36 @@ def _bytes_per_position(spec: TensorSpec) -> int:
 
 
 def _append_check(program: Any, inputs: tuple[TensorSpec, ...], outs: tuple[TensorSpec, ...], axes: dict[str, int],
-                  request: Any, seq_name: str, k: int, atol: float) -> dict[str, Any]:
-    """Cache of a window == concatenation of the caches of its two halves (at a group boundary)?
+                  request: Any, seq_name: str, k: int, atol: float, windows: dict[str, dict[str, Any]],
+                  min_positions: int) -> dict[str, Any]:
+    """Per-position tensors of a window == concatenation of those of its two halves (at a group
+    boundary), and window tensors of the second half == those of the whole?
 
     The window is one user's request row, its sequence redrawn (random ids of the input's
-    vocabulary) when it holds fewer than 4 positions: each half needs 2, a torch.export program
-    takes no size-1 axis."""
+    vocabulary) when either half would hold fewer than ``min_positions`` positions (at least 2: a
+    torch.export program takes no size-1 axis; window tensors need their window)."""
     feeds = {s.name: request.user[s.name][:1] for s in inputs}
     seq = feeds[seq_name]
-    if seq.shape[1] // k < 4:
-        seq = feeds[seq_name] = random_ids(next(s for s in inputs if s.name == seq_name), (1, 4 * k),
+    half = max([min_positions] + [w["window"] for w in windows.values()])
+    if seq.shape[1] // k < 2 * half:
+        seq = feeds[seq_name] = random_ids(next(s for s in inputs if s.name == seq_name), (1, 2 * half * k),
                                            np.random.default_rng(17))
     cut = (seq.shape[1] // k // 2) * k
     whole = run_program(program, feeds, outs)
     first = run_program(program, {**feeds, seq_name: seq[:, :cut]}, outs)
     second = run_program(program, {**feeds, seq_name: seq[:, cut:]}, outs)
-    diff = max(float(np.max(np.abs(np.concatenate([first[s.name], second[s.name]], axis=axes[s.name]) - whole[s.name])))
-               for s in outs)
+    diffs = {s.name: float(np.max(np.abs((second[s.name] if s.name in windows else
+                                          np.concatenate([first[s.name], second[s.name]], axis=axes[s.name]))
+                                         - whole[s.name]))) for s in outs}
+    diff = max(diffs.values())
     ok = diff <= atol
+    moved = sorted(n for n, d in diffs.items() if d > atol)
     return {"appendable": ok, "max_abs_diff": diff, "split_at_item": cut, "window_items": int(seq.shape[1]),
+            **({"window_tensors": sorted(windows)} if windows else {}),
             "reason": "K/V of a position depend only on that position" if ok else
-            "the cache of a position depends on other positions (e.g. absolute positions or a sequence-wide "
-            "normalisation): appending would need a full recompute"}
+            f"the cache of a position depends on other positions ({', '.join(moved)} changed: e.g. self-attention "
+            "over the sequence, absolute positions or a sequence-wide normalisation): appending would need a full "
+            "recompute"}
 
 
 def _report(p: Plan, seg: Segment, programs: dict[str, Any], segments_gm: list[Any], request: Any,
@@ -281,10 +359,12 @@ def _report(p: Plan, seg: Segment, programs: dict[str, Any], segments_gm: list[A
     seq_len = request.user[p.seq_input].shape[1]
     positions = seq_len // cache.items_per_position
     per_user = flops["cache"] + flops.get("user", 0)
+    window_bytes = sum(_bytes_per_position(t) for t in cache.tensors if cache.layout[t.name]["positions"] == "window")
     return {
-        "cache": {"tensors": [t.to_json() for t in cache.tensors], "axes": cache.seq_axis,
-                  "bytes_per_position": cache.bytes_per_position,
-                  "bytes_per_user_at_sample": cache.bytes_per_position * positions, "sample_seq_len": seq_len},
+        "cache": {"tensors": [t.to_json() for t in cache.tensors], "axes": cache.seq_axis, "layout": cache.layout,
+                  "bytes_per_position": cache.bytes_per_position, "window_bytes_per_user": window_bytes,
+                  "bytes_per_user_at_sample": cache.bytes_per_position * positions + window_bytes,
+                  "sample_seq_len": seq_len},
         "state": [s.to_json() for s in state_specs],
         "append": append, "attention_patterns": len(p.attentions),
         "flops": {"cache_per_user": flops["cache"], "user_per_user": flops.get("user", 0),

@@ -39,7 +39,7 @@ CI_SEED = 0
 CI_FORCED = {"layers": 0}  # one layer: build time is mostly per-graph overhead, not model size
 SLOW_LABELS = {"longer[quantize-w8a16]", "rankmixer-moe[quantize-w8a16]", "tokenmixer-large[quantize-w8a16]",
                "longer[extract-kv-cache,quantize-int8]", "rankmixer-moe[pack-moe-experts,quantize-int8]",
-               "mixformer[quantize-w8a16]"}
+               "mixformer[quantize-w8a16]", "hyformer[quantize-w8a16]"}
 WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 

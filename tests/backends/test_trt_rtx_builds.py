@@ -38,9 +38,9 @@ COMBOS = combinations()
 
 
 #: Fewer layers than the tiny configs where that keeps every block kind (LONGER: one cross-attention
-#: and one self-attention layer; TokenMixer-Large: an inter-layer residual; MixFormer: every block is
-#: alike): export time is per layer.
-LAYERS = {"longer": 2, "tokenmixer-large": 3, "mixformer": 1}
+#: and one self-attention layer; TokenMixer-Large: an inter-layer residual; MixFormer and HyFormer:
+#: every layer has the same blocks): export time is per layer.
+LAYERS = {"longer": 2, "tokenmixer-large": 3, "mixformer": 1, "hyformer": 1}
 
 
 @pytest.fixture(scope="module")
