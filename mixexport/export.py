@@ -24,7 +24,8 @@ from mixexport.errors import BadInputError
 from mixexport.specs import TensorSpec
 
 OPSET = 21
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # leave room for the graph itself
+PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB, less room for the graph itself
+EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT
 log = logging.getLogger(__name__)
 
 
@@ -112,6 +113,12 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def fits_protobuf(model: onnx.ModelProto, limit: int = PROTOBUF_LIMIT) -> bool:
+    """Whether ``model`` can be serialized in one piece: protobuf refuses messages past 2 GB (with
+    64 MiB left for the graph itself)."""
+    return weight_bytes(model) < limit
+
+
 def save_onnx(model: onnx.ModelProto, path: Path, external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
     """Save and fully check ``model``; returns the files written (``.onnx`` and maybe ``.onnx.data``)."""
     path = Path(path)
@@ -119,7 +126,7 @@ def save_onnx(model: onnx.ModelProto, path: Path, external_threshold: int = EXTE
     if weight_bytes(model) > external_threshold:
         # saving with external data rewrites the proto in place: work on a copy when one fits in
         # protobuf's 2 GB (always, except for the genuinely huge models that need this path)
-        if weight_bytes(model) < 2**31 - 64 * 1024**2:
+        if fits_protobuf(model):
             model = onnx.ModelProto.FromString(model.SerializeToString())
         data_name = path.name + ".data"
         # small tensors (shapes, axes) stay inline so shape inference can read them

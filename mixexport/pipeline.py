@@ -20,7 +20,8 @@ import numpy as np
 
 from mixexport.bundle import SCHEMA_VERSION, Bundle, BundleWriter, PassRecord, Segment, library_versions
 from mixexport.errors import BadInputError, GateFailedError, MixexportError, PassError
-from mixexport.export import EXTERNAL_DATA_THRESHOLD, op_histogram, save_onnx, to_onnx, weight_bytes
+from mixexport.export import (EXTERNAL_DATA_THRESHOLD, PROTOBUF_LIMIT, fits_protobuf, op_histogram, save_onnx, to_onnx,
+                              weight_bytes)
 from mixexport.passes import PassInfo, PassResult
 from mixexport.passes.options import build_options, check_specs, split_specs
 from mixexport.passes.order import ORDER, pass_by_name
@@ -151,13 +152,34 @@ def stage_runtime(bundle: Bundle, trace: dict[str, dict[str, np.ndarray]] | None
         if bundle.stage == "program":
             sessions[seg.name] = ProgramSession(seg.program, names)
         else:
-            sessions[seg.name] = OnnxRuntimeBackend().open_bytes(seg.onnx.SerializeToString())
+            sessions[seg.name] = open_in_memory(OnnxRuntimeBackend(), seg.onnx)
         entries.append(SegmentEntry(seg.name, seg.role, "", "memory", seg.inputs, seg.outputs))
     rt = Runtime(bundle.source.inputs, bundle.source.outputs, tuple(entries), sessions,
                  caches=[c.to_json() for c in bundle.caches], multiples=bundle.source.multiples,
                  minimums=bundle.source.minimums)
     rt.trace = trace
     return rt
+
+
+def open_in_memory(backend: Any, model: Any, limit: int = PROTOBUF_LIMIT) -> Any:
+    """An ONNX Runtime session on an in-memory model. Past protobuf's 2 GB the model cannot be
+    serialized in one piece: a copy is saved with external data to a temporary directory and opened
+    from there (ONNX Runtime has read the weights when the session exists; the directory is removed
+    then). The bundle's own model is left as it is."""
+    import tempfile
+
+    import onnx
+
+    if fits_protobuf(model, limit):
+        return backend.open_bytes(model.SerializeToString())
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    with tempfile.TemporaryDirectory(prefix="mixexport-stage-") as tmp:
+        path = Path(tmp) / "segment.onnx"
+        onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="segment.onnx.data", size_threshold=1024)
+        del copy
+        return backend.open_file(path)
 
 
 def to_onnx_stage(bundle: Bundle, request: Request) -> Bundle:

@@ -154,3 +154,35 @@ def test_composition_failure_exits_1_with_its_own_message(tmp_path: Path, monkey
     assert "\nerror: split-user-item: the segments it cut do not reproduce the program" in r.err
     assert "logit" in r.err and "hint: build without split-user-item" in r.err and "Traceback" not in r.err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_model_past_the_protobuf_limit_opens_from_external_data() -> None:
+    """The stage ledger opens in-memory segments; one past protobuf's 2 GB cannot be serialized, so
+    it is opened from a temporary external-data copy (the path a > 2 GB MSN value table takes; here
+    with the limit lowered to 0), gives the same scores, and leaves the bundle's model unchanged."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mixexport.backends.onnxruntime import OnnxRuntimeBackend
+    from mixexport.export import weight_bytes
+    from mixexport.pipeline import open_in_memory
+
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    before = model.SerializeToString()
+    x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    backend = OnnxRuntimeBackend()
+    inline, external = open_in_memory(backend, model), open_in_memory(backend, model, limit=0)
+    try:
+        a, b = inline.run({"x": x}), external.run({"x": x})
+    finally:
+        inline.close()
+        external.close()
+    np.testing.assert_array_equal(a["y"], b["y"])
+    np.testing.assert_allclose(b["y"], x @ w, rtol=1e-5, atol=1e-5)
+    assert model.SerializeToString() == before and weight_bytes(model) == w.nbytes
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in model.graph.initializer)
