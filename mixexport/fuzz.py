@@ -58,6 +58,9 @@ INT8_COMBOS: dict[str, tuple[tuple[str, ...], ...]] = {
     "rankmixer-moe": ((PACK, INT8),),
     "tokenmixer-large": ((PACK, INT8),),
     "mixformer": ((SPLIT, INT8),),
+    "hyformer": ((KV, INT8),),
+    "pyramid-mixer": ((SPLIT, INT8),),
+    "msn": ((INT8,),),
 }
 USER_INDEX_MODES = ("interleaved", "blocks", "random", "first-user")
 #: Smallest normalised width (LayerNorm/RMSNorm) of cases with quantize-w8a16. A norm over 1-2

@@ -39,7 +39,7 @@ CI_SEED = 0
 CI_FORCED = {"layers": 0}  # one layer: build time is mostly per-graph overhead, not model size
 SLOW_LABELS = {"longer[quantize-w8a16]", "rankmixer-moe[quantize-w8a16]", "tokenmixer-large[quantize-w8a16]",
                "longer[extract-kv-cache,quantize-int8]", "rankmixer-moe[pack-moe-experts,quantize-int8]",
-               "mixformer[quantize-w8a16]", "hyformer[quantize-w8a16]"}
+               "mixformer[quantize-w8a16]", "hyformer[quantize-w8a16]", "hyformer[extract-kv-cache,quantize-int8]"}
 WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
@@ -161,7 +161,8 @@ def test_sampled_configs_are_valid(family: str, passes: tuple[str, ...], data: s
     model = create_model(family, case.config).eval()   # Config.__post_init__ validates
     schema = model.config.schema
     if case.seq_len is not None:
-        assert case.seq_len % model.config.merge == 0 and case.seq_len >= model.config.recent * model.config.merge
+        merge = getattr(model.config, "merge", 1)   # LONGER merges positions; HyFormer keeps them
+        assert case.seq_len % merge == 0 and case.seq_len >= model.config.recent * merge
         schema = dataclasses.replace(schema, seq_len=case.seq_len)
     feeds = {k: torch.from_numpy(v) for k, v in random_feeds(schema, case.candidates, seed=1).items()}
     with torch.inference_mode():
