@@ -44,6 +44,23 @@ def describe_b(node: onnx.NodeProto, inits: dict[str, TensorProto]) -> str:
     return f"{TensorProto.DataType.Name(t.data_type)} initializers"
 
 
+def require_weights(pass_name: str, dtype: str, found: list[Weight], models: list[onnx.ModelProto]) -> None:
+    """Refuse (PreconditionError) when ``found`` is empty, naming what every MatMul/Gemm B input of
+    ``models`` is instead."""
+    from mixexport.errors import PreconditionError
+
+    if found:
+        return
+    seen: set[str] = set()
+    for model in models:
+        inits = {t.name: t for t in model.graph.initializer}
+        seen |= {describe_b(n, inits) for n in model.graph.node if n.op_type in ("MatMul", "Gemm")}
+    raise PreconditionError(
+        f"{pass_name} expected at least one MatMul/Gemm whose weight (B) input is a {dtype} "
+        f"initializer; found {'MatMul/Gemm B inputs that are ' + ', '.join(sorted(seen)) if seen else 'no MatMul/Gemm'}",
+        "the model has no float weights to quantize (already quantized?)")
+
+
 def subgraph_names(model: onnx.ModelProto) -> set[str]:
     """Every name read inside a subgraph (If/Loop/Scan bodies): those weights stay float."""
     names: set[str] = set()

@@ -75,14 +75,15 @@ def _strip_views(node: fx.Node) -> fx.Node:
     return node
 
 
-def find_attention(a: Analysis) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]:
-    """(attention node, queries, keys, values) for every SDPA and matmul-softmax-matmul pattern."""
+def _attentions(a: Analysis) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node, bool]]:
+    """(attention output, queries, raw K operand, V operand, is SDPA) for every SDPA and
+    matmul-softmax-matmul pattern; for the latter the K operand is ``Kᵀ`` as the score matmul reads it."""
     found = []
     for node in a.gm.graph.nodes:
         if node.op != "call_function":
             continue
         if node.target == torch.ops.aten.scaled_dot_product_attention.default:
-            found.append((node, node.args[0], node.args[1], node.args[2]))
+            found.append((node, node.args[0], node.args[1], node.args[2], True))
         elif node.target in SOFTMAX:
             cur = node.args[0]
             while cur.op == "call_function" and cur.target in SCORE_OPS:
@@ -92,8 +93,13 @@ def find_attention(a: Analysis) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node
                 continue
             out = next((u for u in node.users if u.op == "call_function" and u.target in MATMUL and u.args[0] is node), None)
             if out is not None:
-                found.append((out, cur.args[0], _strip_views(cur.args[1]), out.args[1]))
+                found.append((out, cur.args[0], cur.args[1], out.args[1], False))
     return found
+
+
+def find_attention(a: Analysis) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]:
+    """(attention node, queries, keys, values) for every SDPA and matmul-softmax-matmul pattern."""
+    return [(node, q, k if sdpa else _strip_views(k), v) for node, q, k, v, sdpa in _attentions(a)]
 
 
 def _kv_operands(a: Analysis) -> dict[fx.Node, tuple[str, int, fx.Node]]:
@@ -102,24 +108,9 @@ def _kv_operands(a: Analysis) -> dict[fx.Node, tuple[str, int, fx.Node]]:
     ``matmul(q, Kᵀ)``: the key axis of ``Kᵀ`` is its last; ``matmul(p, V)`` and SDPA: the one
     before last."""
     out: dict[fx.Node, tuple[str, int, fx.Node]] = {}
-    for node in a.gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target == torch.ops.aten.scaled_dot_product_attention.default:
-            out[node.args[1]] = ("keys", len(node.args[1].meta["val"].shape) - 2, node)
-            out[node.args[2]] = ("values", len(node.args[2].meta["val"].shape) - 2, node)
-        elif node.target in SOFTMAX:
-            cur = node.args[0]
-            while cur.op == "call_function" and cur.target in SCORE_OPS:
-                cur = next((x for x in cur.args if isinstance(x, fx.Node) and a.roles.get(x) != "const"
-                            and a.roles.get(x) != "size"), cur.args[0])
-            if cur.op != "call_function" or cur.target not in MATMUL:
-                continue
-            out_mm = next((u for u in node.users if u.op == "call_function" and u.target in MATMUL
-                           and u.args[0] is node), None)
-            if out_mm is not None:
-                out[cur.args[1]] = ("keys", len(cur.args[1].meta["val"].shape) - 1, out_mm)
-                out[out_mm.args[1]] = ("values", len(out_mm.args[1].meta["val"].shape) - 2, out_mm)
+    for node, _, k, v, sdpa in _attentions(a):
+        out[k] = ("keys", len(k.meta["val"].shape) - (2 if sdpa else 1), node)
+        out[v] = ("values", len(v.meta["val"].shape) - 2, node)
     return out
 
 

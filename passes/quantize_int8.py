@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mixexport.bundle import Bundle
 from mixexport.errors import BadInputError, PreconditionError
-from mixexport.int8_weights import Weight, candidates, describe_b, nbytes, quantize_array, unique_name, weight_errors
+from mixexport.int8_weights import Weight, candidates, nbytes, quantize_array, require_weights, unique_name, weight_errors
 from mixexport.passes import PassInfo, PassResult
 from mixexport.passes.options import QuantizeInt8Options as Options
 
@@ -60,17 +60,11 @@ def requires(bundle: Bundle) -> None:
     if bundle.precision != "fp32":
         raise PreconditionError(f"quantize-int8 quantizes a float32 model; found precision {bundle.precision!r}",
                                 "use --precision int8 alone (it implies fp32 weights before quantizing)")
-    found, seen = [], set()
+    found = []
     for seg in bundle.segments:
         found += [w for w in candidates(seg.onnx)[0]
                   if w.kind != "embedding" and _float32(seg.onnx, w.name)]
-        inits = {t.name: t for t in seg.onnx.graph.initializer}
-        seen |= {describe_b(n, inits) for n in seg.onnx.graph.node if n.op_type in ("MatMul", "Gemm")}
-    if not found:
-        raise PreconditionError(
-            "quantize-int8 expected at least one MatMul/Gemm whose weight (B) input is a float32 "
-            f"initializer; found {'MatMul/Gemm B inputs that are ' + ', '.join(sorted(seen)) if seen else 'no MatMul/Gemm'}",
-            "the model has no float weights to quantize (already quantized?)")
+    require_weights("quantize-int8", "float32", found, [seg.onnx for seg in bundle.segments])
 
 
 def quantize_int8(bundle: Bundle, options: Options) -> PassResult:

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from mixexport.backends.onnxruntime import DEFAULT_OPTIONS
 from mixexport.bundle import Bundle
 from mixexport.errors import BadInputError, PreconditionError
-from mixexport.int8_weights import (FLOAT_TYPES, Weight, candidates, describe_b, nbytes, opset, quantize_array,
+from mixexport.int8_weights import (FLOAT_TYPES, Weight, candidates, nbytes, opset, quantize_array, require_weights,
                                      unique_name, weight_errors)
 from mixexport.passes import PassInfo, PassResult
 from mixexport.passes.options import EMBEDDINGS, GRANULARITIES
@@ -38,7 +38,7 @@ def requires(bundle: Bundle) -> None:
     """ONNX stage, opset ≥ 21, and at least one MatMul/Gemm whose weight (B) is a float initializer."""
     if bundle.stage != "onnx":
         raise PreconditionError(f"quantize-w8a16 works on ONNX segments; found a {bundle.stage}-stage bundle")
-    found, seen = [], set()
+    found = []
     for seg in bundle.segments:
         version = opset(seg.onnx)
         if version < MIN_OPSET:
@@ -46,13 +46,7 @@ def requires(bundle: Bundle) -> None:
                                     f"segment {seg.name!r} has opset {version}", "export with opset 21")
         weights, _ = candidates(seg.onnx)
         found += [w for w in weights if w.kind != "embedding"]
-        inits = {t.name: t for t in seg.onnx.graph.initializer}
-        seen |= {describe_b(n, inits) for n in seg.onnx.graph.node if n.op_type in ("MatMul", "Gemm")}
-    if not found:
-        raise PreconditionError(
-            "quantize-w8a16 expected at least one MatMul/Gemm whose weight (B) input is a float "
-            f"initializer; found {'MatMul/Gemm B inputs that are ' + ', '.join(sorted(seen)) if seen else 'no MatMul/Gemm'}",
-            "the model has no float weights to quantize (already quantized?)")
+    require_weights("quantize-w8a16", "float", found, [seg.onnx for seg in bundle.segments])
 
 
 def quantize_w8a16(bundle: Bundle, options: Options) -> PassResult:
