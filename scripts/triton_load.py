@@ -95,7 +95,7 @@ def main() -> int:
         import tritonclient.http as mod
     else:
         import tritonclient.grpc as mod
-    from tritonclient.utils import np_to_triton_dtype
+    from mixexport.serving.triton import infer_inputs
 
     def request(r: np.random.Generator) -> list[Any]:
         ids = [f"user-{i}" for i in r.choice(args.pool, size=args.users, replace=False)]
@@ -103,12 +103,7 @@ def main() -> int:
         feeds.update({s.name: _rows(s, args.candidates, dims, r) for s in item_specs})
         feeds["user_index"] = np.arange(args.candidates, dtype=np.int64) % args.users
         feeds["user_id"] = np.array([u.encode() for u in ids], dtype=np.object_)
-        inputs = []
-        for name, arr in feeds.items():
-            t = mod.InferInput(name, list(arr.shape), "BYTES" if arr.dtype == np.object_ else np_to_triton_dtype(arr.dtype))
-            t.set_data_from_numpy(arr)
-            inputs.append(t)
-        return inputs
+        return infer_inputs(mod, feeds)
 
     latencies: list[list[float]] = [[] for _ in range(args.clients)]
     errors: list[str] = []

@@ -30,7 +30,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
 
 from mixexport.bundle import Manifest, SegmentEntry, read_manifest
 from mixexport.errors import BadInputError
@@ -247,3 +249,16 @@ def _config(name: str, head: Iterable[str], inputs: list[str], outputs: list[str
     parts = [*(f"# {line}" for line in header), f'name: "{name}"', *head,
              "input [\n" + ",\n".join(inputs) + "\n]", "output [\n" + ",\n".join(outputs) + "\n]", *tail]
     return "\n".join(parts) + "\n"
+
+
+def infer_inputs(client: Any, feeds: Mapping[str, np.ndarray]) -> list[Any]:
+    """``tritonclient`` inputs for ``feeds`` (``client``: the ``tritonclient.http`` or ``.grpc``
+    module); object arrays (the ``user_id`` strings) travel as ``BYTES``."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, arr in feeds.items():
+        t = client.InferInput(name, list(arr.shape), "BYTES" if arr.dtype == np.object_ else np_to_triton_dtype(arr.dtype))
+        t.set_data_from_numpy(arr)
+        inputs.append(t)
+    return inputs
