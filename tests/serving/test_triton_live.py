@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
+from mixexport.serving.triton import infer_inputs
 from mixexport.source import Source, load_source
 from mixexport.specs import Request, random_ids
 from tests.serving.triton_env import require_triton
@@ -65,17 +67,10 @@ def client(server: Any, protocol: str) -> tuple[Any, Any]:
 
 def infer(mod: Any, cl: Any, model: str, req: Request, user_ids: list[str] | None = None,
           override: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    from tritonclient.utils import np_to_triton_dtype
-
     feeds = {**req.user, **req.item, "user_index": req.user_index, **(override or {})}
     if user_ids is not None:
         feeds["user_id"] = np.array([u.encode() for u in user_ids], dtype=np.object_)
-    inputs = []
-    for name, arr in feeds.items():
-        t = mod.InferInput(name, list(arr.shape), "BYTES" if arr.dtype == np.object_ else np_to_triton_dtype(arr.dtype))
-        t.set_data_from_numpy(arr)
-        inputs.append(t)
-    return cl.infer(model, inputs).as_numpy("logit")
+    return cl.infer(model, infer_inputs(mod, feeds)).as_numpy("logit")
 
 
 def eager(source: Source, req: Request) -> np.ndarray:
@@ -89,13 +84,19 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
-def cache_counts(server: Any, model: str) -> dict[str, float]:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    pat = re.compile(r'^mixexport_cache_total\{kind="(\w+)",model="' + model + r'"\} (\S+)$', re.M)
-    counts = {k: float(v) for k, v in pat.findall(text)}
-    ok = re.search(r'^nv_inference_request_success\{model="' + model + r'",version="1"\} (\S+)$', text, re.M)
-    counts["success"] = float(ok.group(1)) if ok else 0.0
-    return counts
+def cache_counts(server: Any, model: str, successes: float = 0.0) -> dict[str, float]:
+    """The model's cache counters and request successes from the metrics endpoint. Triton counts a
+    success after the response has gone out, so this waits (up to 10 s) until ``successes`` are counted."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+        pat = re.compile(r'^mixexport_cache_total\{kind="(\w+)",model="' + model + r'"\} (\S+)$', re.M)
+        counts = {k: float(v) for k, v in pat.findall(text)}
+        ok = re.search(r'^nv_inference_request_success\{model="' + model + r'",version="1"\} (\S+)$', text, re.M)
+        counts["success"] = float(ok.group(1)) if ok else 0.0
+        if counts["success"] >= successes or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -109,11 +110,12 @@ def test_parity_and_cache_hits(server: Any, sources: dict[str, Source], model: s
         for users, n in ((1, 16), (3, 7), (4, 33)):
             req = sources[model].example_request(users, n, seed=100 * users + n)
             ids = [f"{protocol}-{users}x{n}-{u}" for u in range(users)]
+            start = cache_counts(server, model)
             first = infer(mod, cl, model, req, ids)
             assert first.shape == (n, 1) and rel_err(first, eager(sources[model], req)) <= 1e-5
-            before = cache_counts(server, model)
+            before = cache_counts(server, model, successes=start["success"] + 1)
             again = infer(mod, cl, model, req, ids)
-            after = cache_counts(server, model)
+            after = cache_counts(server, model, successes=before["success"] + 1)
             assert np.array_equal(again, first)
             assert after[hit] - before[hit] == users and after["success"] - before["success"] == 1
         # without user ids nothing is cached, and the scores are the same
