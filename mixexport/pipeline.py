@@ -448,8 +448,9 @@ def _commit(plan: _Plan, bundle: Bundle, writer: BundleWriter, manifest: dict[st
                           "metrics": parity["metrics"].get("status")}
     if parity["status"] != "PASS" and not plan.options.keep_failed:
         hint = "see the stage ledger with --keep-failed, or loosen --atol/--rtol per output"
-        if any(p.name == "quantize-w8a16" for p in bundle.passes):  # top-k routing is discontinuous
-            hint += ("; a top-k MoE router can pick other experts for tokens near a tie once upstream "
-                     "weights are int8: keep those layers in float (--option quantize-w8a16.skip=PATTERN)")
+        quant = next((p.name for p in bundle.passes if p.name in ("quantize-w8a16", "quantize-int8")), None)
+        if quant:  # top-k choices are discontinuous
+            hint += (f"; a top-k choice (MoE experts, product-key memory slots) can change for inputs near a tie "
+                     f"once upstream weights are int8: keep those layers in float (--option {quant}.skip=PATTERN)")
         raise GateFailedError("parity failed; no bundle written:\n  " + "\n  ".join(parity["failures"]), hint)
     return writer.commit(manifest)

@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mixexport.bundle import Manifest
 from mixexport.errors import BadInputError
 from mixexport.source import Source, export_program
 from mixexport.specs import Request
@@ -40,8 +39,10 @@ def _torch_runner(fn: Callable[..., Any], source: Source) -> Callable[[Request],
     return run
 
 
-def make_peers(names: tuple[str, ...] | list[str], source: Source, manifest: Manifest,
+def make_peers(names: tuple[str, ...] | list[str], source: Source,
                say: Callable[[str], None]) -> dict[str, Callable[[Request], Any]]:
+    """Runners of the named peers; their compiled or exported files are loaded into memory and the
+    temporary directories removed before this returns."""
     unknown = sorted(set(names) - set(PEERS))
     if unknown:
         raise BadInputError(f"unknown peers {unknown}; known: {', '.join(PEERS)}", "e.g. --peers compile,aoti")
@@ -56,19 +57,20 @@ def make_peers(names: tuple[str, ...] | list[str], source: Source, manifest: Man
 
         say("peer: AOTInductor compile (may take minutes)")
         program = export_program(source)
-        pkg = Path(tempfile.mkdtemp(prefix="mixexport-aoti-")) / "model.pt2"
-        torch._inductor.aoti_compile_and_package(program, package_path=str(pkg))
-        out["aoti"] = _torch_runner(torch._inductor.aoti_load_package(str(pkg)), source)
+        with tempfile.TemporaryDirectory(prefix="mixexport-aoti-") as tmp:
+            pkg = Path(tmp) / "model.pt2"
+            torch._inductor.aoti_compile_and_package(program, package_path=str(pkg))
+            out["aoti"] = _torch_runner(torch._inductor.aoti_load_package(str(pkg)), source)
     onnx_peers = [n for n in ("ort-default", "ort-quantize-dynamic") if n in names]
     if onnx_peers:
         say("peer: plain ONNX export (fp32, no passes)")
-        tmp = Path(tempfile.mkdtemp(prefix="mixexport-ort-"))
-        plain = plain_onnx(source, tmp / "model.onnx")
-        if "ort-default" in names:
-            out["ort-default"] = _ort_runner(plain)
-        if "ort-quantize-dynamic" in names:
-            say("peer: onnxruntime.quantization.quantize_dynamic (per_channel=False)")
-            out["ort-quantize-dynamic"] = _ort_runner(quantize_dynamic_model(plain, tmp / "model.qdq.onnx"))
+        with tempfile.TemporaryDirectory(prefix="mixexport-ort-") as tmp:
+            plain = plain_onnx(source, Path(tmp) / "model.onnx")
+            if "ort-default" in names:
+                out["ort-default"] = _ort_runner(plain)
+            if "ort-quantize-dynamic" in names:
+                say("peer: onnxruntime.quantization.quantize_dynamic (per_channel=False)")
+                out["ort-quantize-dynamic"] = _ort_runner(quantize_dynamic_model(plain, Path(tmp) / "model.qdq.onnx"))
     return out
 
 

@@ -254,7 +254,7 @@ def bench_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | None
             contextlib.ExitStack() as stack:
         other_rts = {f"compare: {o.root.name} ({', '.join(p['name'] for p in o.data['passes']) or 'no passes'})":
                      stack.enter_context(Runtime.open(o, backend, device)) for o in others}
-        peer_fns = make_peers(peers, source, manifest, say)
+        peer_fns = make_peers(peers, source, say)
         label = f"bundle ({rt.name})"
         for n in candidates:
             sample = source.example_request(users, n, seed=7, seq_len=seq_len)

@@ -48,6 +48,25 @@ def test_bench_json_reports_eager_and_bundle_p50_per_n(ml_bundle: Path) -> None:
             assert n["p50_ms"] > 0 and n["p99_ms"] >= n["p50_ms"] and n["runs"] >= 5
 
 
+def test_bench_peers_time_every_peer_and_leave_no_files(ml_bundle: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--peers``: torch.compile, AOTInductor, stock ORT fp32 and stock quantize_dynamic are timed in
+    the same run as the bundle; their compiled / exported files are gone once they are loaded."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    r = run_cli("bench", str(ml_bundle), "--json", "--candidates", "4", "--budget", "0",
+                "--peers", "compile,aoti,ort-default,ort-quantize-dynamic")
+    assert r.code == 0, r.err
+    runners = json.loads(r.out)["runners"]
+    assert set(runners) == {"eager", "bundle (onnxruntime)", "torch.compile", "aoti", "ort-default",
+                            "ort-quantize-dynamic"}
+    assert all(v["4"]["p50_ms"] > 0 for v in runners.values())
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("mixexport-")]
+
+
 def test_build_writes_reports_and_plot(ml_bundle: Path) -> None:
     for rel in ("reports/parity.json", "reports/latency.json", "reports/report.md", "reports/latency.png",
                 "inputs/sample.npz", "segments/model.onnx"):
