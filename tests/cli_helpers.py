@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from mixexport.cli import main
+
+#: The installed console script, for tests that need a separate process.
+MIXEXPORT = str(Path(sys.executable).parent / "mixexport")
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,8 @@ from mixexport.bundle import check_integrity, read_manifest
 from mixexport.errors import BadInputError
 from mixexport.runtime import Runtime
 from mixexport.source import load_source
+from tests.cli_helpers import MIXEXPORT
 
-MIXEXPORT = str(Path(sys.executable).parent / "mixexport")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,8 @@ from mixexport.models import FAMILIES, save_checkpoint
 from mixexport.runtime import Runtime
 from mixexport.source import load_source
 from mixexport.verification.compare import compare_outputs, resolve_tolerances
+from tests.cli_helpers import MIXEXPORT
 
-MIXEXPORT = str(Path(sys.executable).parent / "mixexport")
 
 
 @pytest.mark.slow

@@ -4,14 +4,13 @@ otherwise the real CLI exits 3 naming the extra, and writes nothing."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from mixexport.backends.onnxruntime import OnnxRuntimeBackend
+from tests.cli_helpers import MIXEXPORT
 
-MIXEXPORT = str(Path(sys.executable).parent / "mixexport")
 
 
 def test_onnx_cuda_without_provider_exits_3(tiny_ckpt: Path, tmp_path: Path) -> None:

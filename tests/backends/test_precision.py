@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +18,10 @@ from mixexport.pipeline import BuildOptions, build, initial_bundle
 from mixexport.precision import cast_bundle, torch_dtype
 from mixexport.source import load_source
 from mixexport.verification.compare import DEFAULT_TOLERANCES
+from tests.cli_helpers import MIXEXPORT
 
 from .conftest import aoti_bundle_for
 
-MIXEXPORT = str(Path(sys.executable).parent / "mixexport")
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from mixexport.backends.trt_build import int8_engine_check
 from mixexport.bundle import Segment
 from mixexport.errors import BadInputError
 from mixexport.specs import TensorSpec
+from tests.cli_helpers import MIXEXPORT
 
-MIXEXPORT = str(Path(sys.executable).parent / "mixexport")
 USER = TensorSpec("user_cat", "int64", ("users", 5), "user")
 STATE = TensorSpec("state", "float32", ("users", 8, 64), "state")
 ITEM = TensorSpec("item_dense", "float32", ("candidates", 19), "item")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,8 +31,8 @@ from mixexport.precision import cast_bundle
 from mixexport.source import load_source
 from tests.conftest import make_checkpoint
 from tests.trt_rtx import require_trt_rtx
+from tests.cli_helpers import MIXEXPORT
 
-MIXEXPORT = str(Path(sys.executable).parent / "mixexport")
 #: int8 compute (``--precision int8``) is ONNX Runtime CPU's alone: TensorRT targets refuse it
 COMBOS = [(f, p) for f, p in combinations() if INT8 not in p]
 

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-MIXEXPORT = str(Path(sys.executable).parent / "mixexport")
+from tests.cli_helpers import MIXEXPORT
+
 EMIT = """
 import logging, sys, warnings
 from mixexport.cli import configure_logging

@@ -87,12 +87,13 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
 def cache_counts(server: Any, model: str, successes: float = 0.0) -> dict[str, float]:
     """The model's cache counters and request successes from the metrics endpoint. Triton counts a
     success after the response has gone out, so this waits (up to 10 s) until ``successes`` are counted."""
+    cache = re.compile(r'^mixexport_cache_total\{kind="(\w+)",model="' + model + r'"\} (\S+)$', re.M)
+    success = re.compile(r'^nv_inference_request_success\{model="' + model + r'",version="1"\} (\S+)$', re.M)
     deadline = time.monotonic() + 10
     while True:
         text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-        pat = re.compile(r'^mixexport_cache_total\{kind="(\w+)",model="' + model + r'"\} (\S+)$', re.M)
-        counts = {k: float(v) for k, v in pat.findall(text)}
-        ok = re.search(r'^nv_inference_request_success\{model="' + model + r'",version="1"\} (\S+)$', text, re.M)
+        counts = {k: float(v) for k, v in cache.findall(text)}
+        ok = success.search(text)
         counts["success"] = float(ok.group(1)) if ok else 0.0
         if counts["success"] >= successes or time.monotonic() > deadline:
             return counts
