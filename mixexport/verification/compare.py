@@ -10,7 +10,9 @@ Definitions (``a`` = candidate, ``e`` = expected/reference, elementwise over an 
 - ``cosine`` similarity of the flattened outputs;
 - PASS iff every element satisfies |a - e| <= atol + rtol·|e| (numpy.allclose semantics);
 - ``min_atol``: the smallest atol that passes at the configured rtol; ``min_rtol``: the smallest
-  rtol that passes at the configured atol.
+  rtol that passes at the configured atol;
+- ``outside``: how many elements fail the tolerance (a few rows far out, the rest close, is what a
+  discontinuous choice such as an MoE top-k route flipping near a tie looks like).
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ class OutputParity:
     min_atol: float
     min_rtol: float
     passed: bool
+    outside: int = 0
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -63,8 +70,9 @@ class OutputParity:
 
     def line(self) -> str:
         status = "PASS" if self.passed else "FAIL"
+        where = "" if self.passed else f" ({self.outside} of {self.size} elements outside, mean_abs {self.mean_abs:.3g})"
         return (f"{status} {self.name}: max_abs {self.max_abs:.3g}, max_rel {self.max_rel:.3g}, "
-                f"cosine {self.cosine:.9f}; smallest passing atol {self.min_atol:.3g} (at rtol "
+                f"cosine {self.cosine:.9f}{where}; smallest passing atol {self.min_atol:.3g} (at rtol "
                 f"{self.rtol:g}) / rtol {self.min_rtol:.3g} (at atol {self.atol:g})")
 
 
@@ -86,6 +94,7 @@ def compare_output(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tol
     na, ne = np.linalg.norm(a.ravel()), np.linalg.norm(e.ravel())
     cosine = float(a.ravel() @ e.ravel() / (na * ne)) if na > 0 and ne > 0 else float(na == ne)
     max_abs = float(diff.max())
+    outside = int(np.count_nonzero(~(diff <= tol.atol + tol.rtol * np.abs(e))))
     return OutputParity(
         name=name, shape=tuple(a.shape), max_abs=max_abs, mean_abs=float(diff.mean()),
         max_rel=max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else float("inf")),
@@ -93,7 +102,7 @@ def compare_output(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tol
         rtol=tol.rtol, atol=tol.atol,
         min_atol=float(max(0.0, np.max(diff - tol.rtol * np.abs(e)))),
         min_rtol=float(max(0.0, np.max(need_rtol))),
-        passed=bool(np.all(diff <= tol.atol + tol.rtol * np.abs(e))),
+        passed=outside == 0, outside=outside,
     )
 
 

@@ -52,7 +52,20 @@ def test_compare_reports_min_passing_tolerances() -> None:
     assert compare_output("x", a, e, Tolerance(1e-5, r.min_atol)).passed
     assert not compare_output("x", a, e, Tolerance(1e-5, r.min_atol * 0.9)).passed
     nan = compare_output("x", np.array([np.nan]), np.array([1.0]), Tolerance(1, 1))
-    assert not nan.passed and nan.max_abs == float("inf")
+    assert not nan.passed and nan.max_abs == float("inf") and nan.outside == 1
+
+
+def test_compare_counts_the_elements_outside() -> None:
+    # one row far out, the rest close: what a top-k route flip looks like
+    e = np.linspace(-3, 3, 256).reshape(256, 1)
+    a = e + 0.01
+    a[128, 0] += 0.2  # e there is ~0.01
+    r = compare_output("logit", a, e, Tolerance(rtol=0.1, atol=0.1))
+    assert not r.passed and r.outside == 1 and r.size == 256
+    assert "1 of 256 elements outside" in r.line()
+    ok = compare_output("logit", a, e, Tolerance(rtol=0.1, atol=0.3))
+    assert ok.passed and ok.outside == 0 and "outside" not in ok.line()
+    assert ok.to_json()["outside"] == 0
 
 
 def test_parse_tolerances() -> None:
