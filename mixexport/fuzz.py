@@ -25,13 +25,12 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mixexport.fuzz_configs import SAMPLERS
+from mixexport.fuzz_configs import SAMPLERS, Chooser
 
-T = TypeVar("T")
 
 SPLIT, KV, PACK, QUANT = "split-user-item", "extract-kv-cache", "pack-moe-experts", "quantize-w8a16"
 INT8 = "quantize-int8"  # what --precision int8 adds
@@ -74,37 +73,6 @@ def combinations() -> list[tuple[str, tuple[str, ...]]]:
     """Every (family, passes) pair the fuzzer covers, in a fixed order."""
     return [(family, passes) for table in (COMBOS, INT8_COMBOS) for family, combos in table.items()
             for passes in combos]
-
-
-class Chooser:
-    """Named choices among options, by a seeded RNG or replayed from recorded indices.
-
-    ``forced`` maps names to option indices (clipped to the list; a name not in it takes index 0
-    when there is no RNG); ``limit`` caps every draw to the first ``limit`` options (the small,
-    CI-sized corner of the space). ``choices`` records the index taken per name.
-    """
-
-    def __init__(self, rng: random.Random | None = None, forced: Mapping[str, int] | None = None,
-                 limit: int | None = None) -> None:
-        self.rng = rng
-        self.forced = dict(forced or {})
-        self.limit = limit
-        self.choices: dict[str, int] = {}
-
-    def _index(self, name: str, n: int) -> int:
-        if name in self.forced or self.rng is None:
-            return min(self.forced.get(name, 0), n - 1)
-        return self.rng.randrange(n)
-
-    def __call__(self, name: str, options: Sequence[T]) -> T:
-        if not options:
-            raise ValueError(f"no valid option for {name!r}")
-        n = len(options) if self.limit is None else min(len(options), self.limit)
-        if name in self.choices:
-            raise ValueError(f"choice {name!r} drawn twice")
-        i = self._index(name, n)
-        self.choices[name] = i
-        return options[i]
 
 
 @dataclass(frozen=True)

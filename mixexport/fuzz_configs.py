@@ -1,5 +1,5 @@
 """The fuzzer's config samplers: one per family, each drawing a valid ``Config`` of it from a
-:class:`~mixexport.fuzz.Chooser` (every option list simplest first, so :func:`mixexport.fuzz.shrink`
+:class:`Chooser` (every option list simplest first, so :func:`mixexport.fuzz.shrink`
 can lower indices towards the smallest config).
 
 Signature: ``(choose, moe=None, min_width=1, quantized=False, split=False) -> (Config, request
@@ -14,10 +14,41 @@ case draws from a narrower range, the sampler's docstring says which model limit
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+import random
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-if TYPE_CHECKING:
-    from mixexport.fuzz import Chooser
+T = TypeVar("T")
+
+
+class Chooser:
+    """Named choices among options, by a seeded RNG or replayed from recorded indices.
+
+    ``forced`` maps names to option indices (clipped to the list; a name not in it takes index 0
+    when there is no RNG); ``limit`` caps every draw to the first ``limit`` options (the small,
+    CI-sized corner of the space). ``choices`` records the index taken per name.
+    """
+
+    def __init__(self, rng: random.Random | None = None, forced: Mapping[str, int] | None = None,
+                 limit: int | None = None) -> None:
+        self.rng = rng
+        self.forced = dict(forced or {})
+        self.limit = limit
+        self.choices: dict[str, int] = {}
+
+    def _index(self, name: str, n: int) -> int:
+        if name in self.forced or self.rng is None:
+            return min(self.forced.get(name, 0), n - 1)
+        return self.rng.randrange(n)
+
+    def __call__(self, name: str, options: Sequence[T]) -> T:
+        if not options:
+            raise ValueError(f"no valid option for {name!r}")
+        n = len(options) if self.limit is None else min(len(options), self.limit)
+        if name in self.choices:
+            raise ValueError(f"choice {name!r} drawn twice")
+        i = self._index(name, n)
+        self.choices[name] = i
+        return options[i]
 
 
 def _schema(choose: Chooser, seq_len: int) -> Any:
