@@ -452,5 +452,11 @@ def _commit(plan: _Plan, bundle: Bundle, writer: BundleWriter, manifest: dict[st
         if quant:  # top-k choices are discontinuous
             hint += (f"; a top-k choice (MoE experts, product-key memory slots) can change for inputs near a tie "
                      f"once upstream weights are int8: keep those layers in float (--option {quant}.skip=PATTERN)")
-        raise GateFailedError("parity failed; no bundle written:\n  " + "\n  ".join(parity["failures"]), hint)
+        lines = list(parity["failures"])
+        metrics = parity["metrics"]
+        if metrics.get("status") == "PASS":  # only tensors failed: say what the labelled data showed
+            tau = (metrics.get("ranking") or {}).get("kendall_tau_mean")
+            lines.append(f"metric parity PASS on labelled data: ΔAUC {metrics['auc']['delta']:+.2g}"
+                         + (f", mean Kendall tau {tau:.4f}" if tau is not None else ""))
+        raise GateFailedError("parity failed; no bundle written:\n  " + "\n  ".join(lines), hint)
     return writer.commit(manifest)

@@ -59,6 +59,16 @@ def test_failed_build_leaves_nothing(tiny_ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(GateFailedError) as e:
         build(tiny_ckpt, BuildOptions(out=out, bench=False, atol={"*": 0.0}, rtol={"*": 0.0}))
     assert "parity failed" in e.value.message and "FAIL logit" in e.value.message
+    assert "elements outside" in e.value.message and "metric parity" not in e.value.message  # no labels
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_build_says_when_only_tensors_failed(ml_ckpt: Path, tmp_path: Path) -> None:
+    # zero tolerance fails the tensors; the MovieLens metrics still pass, and the error says so
+    with pytest.raises(GateFailedError) as e:
+        build(ml_ckpt, BuildOptions(out=tmp_path / "b", bench=False, atol={"*": 0.0}, rtol={"*": 0.0}))
+    assert "FAIL logit" in e.value.message
+    assert "metric parity PASS on labelled data: ΔAUC" in e.value.message and "Kendall tau" in e.value.message
     assert list(tmp_path.iterdir()) == []
 
 
