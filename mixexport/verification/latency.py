@@ -57,16 +57,15 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], warmup: int = 2, min_
 
 
 def machine_info() -> dict[str, Any]:
+    """The machine a latency figure was measured on: CPU model and kernel flags, load, libraries."""
     import onnxruntime
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from mixexport.machine import cpu_info, load_average
+
+    cpu = cpu_info()
+    return {"cpu": cpu["model"], "cpu_flags": cpu["flags"], "cores": cpu["cores"],
+            "load_average": load_average(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
             "platform": platform.platform()}

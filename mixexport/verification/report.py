@@ -47,7 +47,9 @@ def latency_markdown(latency: dict[str, Any]) -> list[str]:
     runners = latency["runners"]
     ns = latency["candidates"]
     lines = [f"## Latency: {latency['users']} user x N candidates, p50 ms (speedup vs eager)", "",
-             f"Machine: {latency['machine']['cpu']}, {latency['machine']['cores']} cores.", "",
+             f"Machine: {latency['machine']['cpu']}, {latency['machine']['cores']} cores, flags "
+             f"{', '.join(latency['machine'].get('cpu_flags', [])) or 'none of note'}, "
+             f"load average {latency['machine'].get('load_average')}.", "",
              "| runner | " + " | ".join(f"N={n}" for n in ns) + " |", "|---" * (len(ns) + 1) + "|"]
     engines = latency.get("engines")
     if engines and not engines["executed"]:  # say it before the table: these are not engine timings
