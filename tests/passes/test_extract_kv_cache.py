@@ -184,3 +184,19 @@ def test_movielens_metric_parity_for_kv_longer(tmp_path: Path) -> None:
     assert m["status"] == "PASS" and abs(m["auc"]["delta"]) <= 1e-4 and result.parity["max_rel"] <= 1e-4
     assert [c["check"] for c in result.parity["cache"]] == ["hit equals miss", "kv append"]
     assert all(c["passed"] for c in result.parity["cache"])
+
+
+def test_the_runner_plans_once(lo_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """requires() and run() share one plan of the same bundle (planning analyses the whole graph);
+    a different bundle object is planned afresh."""
+    from mixexport.passes.options import ExtractKvCacheOptions
+    from mixexport.pipeline import run_pass
+
+    calls: list[int] = []
+    real = kv._plan
+    monkeypatch.setattr(kv, "_plan", lambda b: calls.append(id(b)) or real(b))
+    bundle = initial_bundle(load_source(lo_ckpt))
+    result = run_pass(kv.PASS, bundle, ExtractKvCacheOptions(), [])
+    assert len(calls) == 1 and [s.role for s in result.bundle.segments] == ["cache", "user", "item"]
+    kv.requires(initial_bundle(load_source(lo_ckpt)))
+    assert len(calls) == 2
