@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """HyFormer per-layer KV cache: cache hit vs cache miss vs no cache, ONNX Runtime CPU, one run.
 
-    python benchmarks/hyformer_kv.py                       # base config, S = 1024, N = 64
+    python benchmarks/hyformer_kv.py                       # base config, S = 1024, N = 64; writes
+                                                           # benchmarks/results/hyformer_kv-base-swiglu.json
     python benchmarks/hyformer_kv.py --config tiny --seq-len 64 --candidates 16
 
 Builds (random init, fixed seed; latency does not depend on the weights) a checkpoint of the
@@ -29,10 +30,23 @@ import sys
 import tempfile
 from pathlib import Path
 
+import results
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as benchmarks/moe_pack.py: torch's spinning threads
 
 
+def _mode(runner: str, label: str) -> str:
+    """What a ``bench_bundle`` runner measures (it names them after the bundles)."""
+    if runner.startswith("compare"):
+        return "no cache (bundle without passes)"
+    if runner == label:
+        return "miss (KV bundle, request without user id)"
+    return (runner.replace("eager", "eager torch").replace(f"{label} cache hit", "hit (same user, warm cache)")
+            .replace(f"{label} cache append", "append, per request"))
+
+
 def main(argv: list[str] | None = None) -> int:
+    started = results.start()
     import torch
 
     from mixexport.bundle import read_manifest
@@ -49,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-seq-len", type=int, default=128, help="S the bundles are built and verified at")
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timing per runner")
     ap.add_argument("--work", type=Path, default=None, help="where to keep the checkpoint and bundles")
-    ap.add_argument("--json", type=Path, default=None, help="also write the report here")
+    ap.add_argument("--json", type=Path, default=None, help="also write the full report here")
+    results.add_save_options(ap, "hyformer_kv-CONFIG-ENCODER")
     args = ap.parse_args(argv)
 
     config = getattr(hyformer, args.config)()
@@ -90,6 +105,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  cache: {kv_report['cache']['bytes_per_position']} bytes per history position + "
           f"{kv_report['cache']['window_bytes_per_user']} bytes of recent-window K/V per user; "
           f"appendable: {manifest.data['caches'][0]['appendable']}")
+    rows = [{"runner": _mode(n, label), "p50_ms": round(ms, 2), "p90_ms": round(runners[n]["p90_ms"], 2),
+             "runs": runners[n]["runs"], "x_vs_no_cache": round(none / ms, 3)} for n, ms in p50.items()]
+    setup = {"config": args.config, "encoder": args.encoder, "params": params, "seq_len": args.seq_len,
+             "candidates": args.candidates, "cache_bytes_per_position": kv_report["cache"]["bytes_per_position"],
+             "window_bytes_per_user": kv_report["cache"]["window_bytes_per_user"],
+             "appendable": manifest.data["caches"][0]["appendable"]}
+    if pred:
+        setup.update({"predicted_sample_seq_len": schema.seq_len,
+                      "predicted_x_no_cache_vs_miss": round(pred["vs_unsplit_on_miss"], 3),
+                      "predicted_x_miss_vs_hit": round(pred["hit_vs_miss"], 3)})
+    results.save(args, f"hyformer_kv-{args.config}-{args.encoder}", started,
+                 f"HyFormer {args.config} ({args.encoder} encoder, {params:,} parameters) with the per-layer KV cache "
+                 f"(extract-kv-cache) against the bundle without it, S = {args.seq_len}, N = {args.candidates}, "
+                 "ONNX Runtime CPU: p50 over interleaved rounds in one run (x_vs_no_cache > 1 is faster); the "
+                 "FLOP-predicted ratios are at the sample S the bundles were verified at.",
+                 {"setup": setup, "latency": rows})
     if args.json:
         args.json.write_text(json.dumps({"config": args.config, "encoder": args.encoder, "params": params,
                                          "seq_len": args.seq_len, "candidates": args.candidates,
@@ -98,4 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    results.run(main)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """ONNX Runtime CPU int8 GEMM forms for one per-token GEMM of rankmixer base: speed and error.
 
-    python benchmarks/int8_kernels.py [--rounds 15] [--tokens 16 --rows 256 --k 320 --n 1280]
+    python benchmarks/int8_kernels.py [--rounds 15] [--tokens 16 --rows 256 --k 320 --n 1280]   # writes
+                                                                    # benchmarks/results/int8_kernels.json
 
 x ``[T, M, K]`` (with a few outlier columns, as real activations have) @ W ``[T, K, N]``, the shape of
 rankmixer base's fc1 at 256 candidates, in every form ``quantize-int8`` could take: fp32 ``MatMul``;
@@ -16,21 +17,24 @@ float64. On AVX2 without VNNI, 8-bit s8 weights against u8 activations saturate 
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
+import results
+
 
 def main() -> None:
+    started = results.start()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--k", type=int, default=320)
     ap.add_argument("--n", type=int, default=1280)
+    results.add_save_options(ap, "int8_kernels")
     a = ap.parse_args()
     import onnxruntime as ort
 
@@ -114,30 +118,35 @@ def main() -> None:
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("optimization.disable_specified_optimizers", "QDQSelectorActionTransformer")
-    sessions, errors = {}, {}
+    sessions, errors, not_runnable = {}, {}, {}
     for name, proto in forms.items():
         try:
             s = ort.InferenceSession(proto, so, providers=["CPUExecutionProvider"])
             y = s.run(None, {"x": x})[0]
         except Exception as e:  # noqa: BLE001 - report the form as not runnable
-            print(f"{name:52} does not run: {str(e).splitlines()[0][:120]}")
+            not_runnable[name] = str(e).splitlines()[0][:120]
+            print(f"{name:52} does not run: {not_runnable[name]}")
             continue
         sessions[name] = s
         errors[name] = (np.abs(y - ref).max() / np.abs(ref).max(), np.linalg.norm(y - ref) / np.linalg.norm(ref))
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(a.rounds):
-        for name, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, {"x": x})
-            times[name].append(time.perf_counter() - t0)
-    base = np.median(times["fp32 MatMul"])
+    stats = results.time_rounds({name: lambda s=s: s.run(None, {"x": x}) for name, s in sessions.items()}, a.rounds)
+    base = stats["fp32 MatMul"].p50_ms
     print(f"x [{t},{m},{k}] @ W [{t},{k},{n}], {a.rounds} interleaved rounds, onnxruntime {ort.__version__}")
     print(f"{'form':52} {'median ms':>9} {'min ms':>7} {'vs fp32':>7} {'max_rel':>8} {'fro_rel':>8}")
-    for name, ts in times.items():
-        med = np.median(ts)
-        print(f"{name:52} {med * 1e3:9.1f} {min(ts) * 1e3:7.1f} {base / med:6.2f}x "
+    rows = []
+    for name, st in stats.items():
+        print(f"{name:52} {st.p50_ms:9.1f} {st.min_ms:7.1f} {base / st.p50_ms:6.2f}x "
               f"{errors[name][0]:8.2e} {errors[name][1]:8.2e}")
+        rows.append({"form": name, "p50_ms": round(st.p50_ms, 3), "min_ms": round(st.min_ms, 3),
+                     "x_vs_fp32": round(base / st.p50_ms, 3), "max_rel_err": float(errors[name][0]),
+                     "fro_rel_err": float(errors[name][1])})
+    results.save(a, "int8_kernels", started,
+                 f"One per-token GEMM of rankmixer base's shape, x [{t},{m},{k}] @ W [{t},{k},{n}], in every int8 "
+                 f"form quantize-int8 could take on ONNX Runtime {ort.__version__} CPU: median and fastest of "
+                 f"{a.rounds} interleaved rounds, speed-up over fp32 and error against float64 "
+                 "(x_vs_fp32 > 1 is faster).",
+                 {"forms": rows, **({"not_runnable": not_runnable} if not_runnable else {})})
 
 
 if __name__ == "__main__":
-    main()
+    results.run(main)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Unpacked vs packed Sparse-MoE bundles: ONNX Runtime latency for 1 user x N candidates.
 
-    python benchmarks/moe_pack.py --family rankmixer-moe            # base config, N=256
+    python benchmarks/moe_pack.py --family rankmixer-moe            # base config, N=256; writes
+                                                                    # benchmarks/results/moe_pack-rankmixer-moe-base.json
     python benchmarks/moe_pack.py --family tokenmixer-large --config tiny --forms hidden-slice,stacked
 
 Builds (random init, fixed seed) a checkpoint of the family's config, then one bundle with no passes
@@ -22,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+import results
 
 # torch's OpenMP threads spin after each eager call and steal the cores from ONNX Runtime in the
 # interleaved rounds (measured on 2 cores: eager 1,000 ms instead of 74 ms, bundles 2-3x slower);
@@ -44,6 +47,7 @@ def _thread_cpu_ms(fn: Callable[[], Any], rounds: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = results.start()
     import torch
 
     from mixexport.backends.onnxruntime import OrtSession
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from mixexport.pipeline import BuildOptions, build
     from mixexport.runtime import Runtime
     from mixexport.source import load_source
-    from mixexport.verification.latency import machine_info, time_interleaved
+    from mixexport.verification.latency import time_interleaved
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--family", default="rankmixer-moe", choices=("rankmixer-moe", "tokenmixer-large"))
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=10.0, help="wall-clock timing budget")
     ap.add_argument("--cpu-rounds", type=int, default=20, help="single-thread CPU-time rounds per runner")
     ap.add_argument("--out", type=Path, default=None, help="keep bundles here (default: a temp dir)")
+    results.add_save_options(ap, "moe_pack-FAMILY-CONFIG")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -117,11 +122,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<26}{st.p50_ms:>9.2f}{st.p90_ms:>9.2f}{base_wall / st.p50_ms:>12.2f}x"
               + (f"{c:>17.2f}{base_cpu / c:>12.2f}x" if c is not None else ""))
     summary = {"family": args.family, "config": args.config, "candidates": args.candidates,
-               "machine": machine_info(), "ops": ops, "build_s": build_s,
+               "ops": ops, "build_s": build_s,
                "wall_p50_ms": {k: v.p50_ms for k, v in wall.items()}, "cpu_1thread_ms": cpu}
     print(json.dumps(summary, indent=1, default=str))
+    rows = [{"runner": name, "p50_ms": round(st.p50_ms, 2), "p90_ms": round(st.p90_ms, 2),
+             "x_vs_unpacked": round(base_wall / st.p50_ms, 3),
+             **({"cpu_1thread_ms": round(cpu[name], 2), "cpu_x_vs_unpacked": round(base_cpu / cpu[name], 3),
+                 "matmuls": ops[name]["MatMul"], "nodes": ops[name]["nodes"],
+                 "parity_max_rel": ops[name]["parity_max_rel"], "build_s": round(build_s[name], 1)}
+                if name in bundles else {})}  # eager has no bundle
+            for name, st in wall.items()]
+    results.save(args, f"moe_pack-{args.family}-{args.config}", started,
+                 f"{args.family} {args.config} ({params:,} parameters), 1 user x {args.candidates} candidates on "
+                 "ONNX Runtime CPU: the unpacked bundle against each pack-moe-experts form and eager torch. "
+                 "p50/p90 wall clock over interleaved rounds in one process; cpu_1thread_ms is the calling "
+                 f"thread's CPU time per request with one intra-op thread (median of {args.cpu_rounds}), which "
+                 "a shared machine disturbs less (x_vs_unpacked > 1 is faster).", rows)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    results.run(main)

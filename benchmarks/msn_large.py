@@ -8,6 +8,8 @@ plus the checkpoint and bundle sizes on disk. Not part of CI (it writes ~4-6 GB 
 of memory); run it alone on a quiet machine:
 
     python benchmarks/msn_large.py --work /tmp/msn-large [--sub-keys 1024 --value-dim 512] [--json out.json]
+
+It writes ``benchmarks/results/msn_large.json`` (``--save NAME`` names it, ``--no-save`` skips it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -23,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import results
 
 MIXEXPORT = str(Path(sys.executable).parent / "mixexport")
 
@@ -58,14 +61,23 @@ def _step(name: str, argv: list[str]) -> dict[str, Any]:
     return out
 
 
+def _latency_rows(bench: dict[str, Any]) -> list[dict[str, Any]]:
+    """``mixexport bench --json``'s runners × N as flat rows."""
+    return [{"runner": name, "candidates": int(n), "p50_ms": round(st["p50_ms"], 2), "p90_ms": round(st["p90_ms"], 2),
+             "runs": st["runs"], **({"x_vs_eager": round(st["speedup_vs_eager"], 3)} if "speedup_vs_eager" in st else {})}
+            for name, per in bench.get("runners", {}).items() for n, st in per.items()]
+
+
 def main() -> int:
+    started = results.start()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, required=True, help="scratch directory (removed first)")
     ap.add_argument("--sub-keys", type=int, default=1024, help="n: the memory has n² slots")
     ap.add_argument("--value-dim", type=int, default=512)
     ap.add_argument("--candidates", default="1,64,256")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundle")
-    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--json", type=Path, help="also write the full results (every step's output) here")
+    results.add_save_options(ap, "msn_large")
     args = ap.parse_args()
 
     import torch
@@ -100,16 +112,29 @@ def main() -> int:
         "checkpoint_seconds": round(made, 2), "steps": steps,
         "bundle_bytes": sum(files.values()), "bundle_files": files,
         "external_data": [f for f in files if f.endswith(".onnx.data")],
-        "machine": {"cpus": os.cpu_count(), "note": "shared machine: other jobs ran at the same time"},
     }
     print(f"bundle: {result['bundle_bytes'] / 2**30:.3f} GiB in {len(files)} files, external data "
           f"{result['external_data']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
+    bench = next((s.get("result", {}) for s in steps if s["step"] == "bench"), {})
+    results.save(args, "msn_large", started,
+                 f"An MSN whose memory value table is {table_bytes / 2**30:.2f} GiB through mixexport build, verify "
+                 "and bench, each step its own process: wall time and that process's peak resident memory, the "
+                 "sizes on disk (ONNX weights in external data), and the bundle's latency.",
+                 {"sizes": {**result["config"], "params": params, "value_table_gib": round(table_bytes / 2**30, 3),
+                            "checkpoint_gib": round(result["checkpoint_bytes"] / 2**30, 3),
+                            "checkpoint_s": result["checkpoint_seconds"],
+                            "bundle_gib": round(result["bundle_bytes"] / 2**30, 3), "bundle_files": len(files),
+                            "external_data": ", ".join(result["external_data"]) or "none"},
+                  "steps": [{"step": s["step"], "exit_code": s["rc"], "wall_s": s["wall_s"],
+                             "peak_rss_gib": s["peak_rss_gib"] if s["peak_rss_gib"] is not None else s["peak_rss_note"]}
+                            for s in steps],
+                  **({"latency": rows} if (rows := _latency_rows(bench)) else {})})
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
     return 0 if all(s["rc"] == 0 for s in steps) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    results.run(main)
