@@ -38,6 +38,7 @@ import onnx
 from mixexport import __version__
 from mixexport.errors import BadInputError, GateFailedError, IntegrityError
 from mixexport.manifest_check import validate
+from mixexport.outdir import check_out, check_replaceable, is_write_error, write_error, write_marker
 from mixexport.source import Source, sha256_file
 from mixexport.specs import TensorSpec
 from mixexport.trust import check_files, external_data_files, file_digest, resolve_inside
@@ -84,6 +85,8 @@ class CacheSpec:
     bytes_per_position: int
     appendable: bool
     layout: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    #: inputs sliced with ``input`` on an append: its rows looked up by a table store (externalize-embeddings)
+    along: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -108,6 +111,7 @@ class Bundle:
     caches: tuple[CacheSpec, ...] = ()
     passes: tuple[PassRecord, ...] = ()
     precision: str = "fp32"
+    tables: tuple[Any, ...] = ()   # externalize-embeddings: mixexport.tables.writer.TableData, not yet written
 
     def replace(self, **changes: Any) -> Bundle:
         return dataclasses.replace(self, **changes)
@@ -142,15 +146,20 @@ class BundleWriter:
         self.force = force
         recover_stale(self.out)
         check_out_dir(self.out, force)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
+        except OSError as e:
+            raise write_error(e, self.out) from None
         self.committed = False
 
     def __enter__(self) -> BundleWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         if not self.committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        if exc is not None and is_write_error(exc, self.out):  # full disk, read-only: one line, not a traceback
+            raise write_error(exc, self.out) from exc
 
     def path(self, rel: str) -> Path:
         p = self.tmp / rel
@@ -172,12 +181,14 @@ class BundleWriter:
 
     def commit(self, manifest: dict[str, Any]) -> Path:
         manifest = dict(manifest)
+        write_marker(self.tmp, "bundle")  # says who may replace the directory; listed like every other file
         manifest["files"] = self.hashes()
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
         old = None
         if self.out.exists():
             if not self.force:
                 raise BadInputError(f"{self.out} appeared while building", "use --force to replace it")
+            check_replaceable(self.out)  # again: the directory may have been filled while building
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{time.time_ns()}"
             os.replace(self.out, old)
         os.replace(self.tmp, self.out)
@@ -225,13 +236,12 @@ def recover_stale(out: Path) -> list[str]:
     return done
 
 
-def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse an existing ``out`` without ``force`` and an unwritable parent, before any work."""
+def check_out_dir(out: Path, force: bool, inputs: dict[str, Path | str | None] | None = None) -> None:
+    """Refuse, before any work, an ``out`` that is, contains or lies inside one of ``inputs``, an
+    existing ``out`` without ``force`` or (with it) not written by mixexport and not empty
+    (:func:`mixexport.outdir.check_out`), and an unwritable parent."""
     out = Path(out)
-    if out.exists() and not force:
-        raise BadInputError(f"output directory {out} already exists", "pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"output path {out} exists and is not a directory", "choose another --out")
+    check_out(out, force, inputs or {})
     parent = out.parent if str(out.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise BadInputError(f"cannot write {out}: {parent} is a file, not a directory", "choose another --out")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mixexport.errors import BadInputError
+from mixexport.names import NAME_RULE, name_problem
 from mixexport.trust import resolve_inside
 
 HINT = "rebuild the bundle, or fetch it again from where it was published"
@@ -85,6 +86,14 @@ class _Check:
             raise self.fail(where, f"must be 1 to {longest} printable characters, found {_short(v)}")
         return v
 
+    def ident(self, v: Any, where: str) -> str:
+        """A name that may become a file, directory or config entry (a segment, tensor or cache):
+        the one name rule of :mod:`mixexport.names`."""
+        problem = name_problem(self.name(v, where))
+        if problem is not None:
+            raise self.fail(where, f"is {_short(v)}, which breaks the name rule ({NAME_RULE}): {problem}")
+        return v
+
     def integer(self, v: Any, where: str, lo: int = 0, hi: int = MAX_DIM) -> int:
         if not isinstance(v, int) or isinstance(v, bool):
             raise self.fail(where, f"must be an integer, found {_kind(v)}")
@@ -104,7 +113,7 @@ class _Check:
 
     def spec(self, v: Any, where: str) -> dict[str, Any]:
         d = self.obj(v, where)
-        self.name(self.key(d, "name", where), f"{where}.name")
+        self.ident(self.key(d, "name", where), f"{where}.name")
         dtype = self.key(d, "dtype", where)
         if not isinstance(dtype, str) or not _DTYPE.fullmatch(dtype):
             raise self.fail(f"{where}.dtype", f"must be a dtype name (float32, int64, ...), found {_short(dtype)}")
@@ -142,6 +151,8 @@ def validate(path: Path, root: Path, data: dict[str, Any]) -> None:
     """Raise one :class:`BadInputError` (or an :class:`IntegrityError` for a path leaving the bundle)
     for the first problem of the manifest ``data`` read from ``path`` in bundle ``root``."""
     c = _Check(path)
+    # JSON true is not 1 (Python's bool is an int, so ``True == 1`` passed the version check)
+    c.integer(data["schema_version"], "schema_version", lo=1)
     model = c.obj(data["model"], "model")
     _model(c, model)
     inputs = c.specs(model["inputs"], "model.inputs")
@@ -163,7 +174,7 @@ def validate(path: Path, root: Path, data: dict[str, Any]) -> None:
         if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
             raise c.fail(f"files[{rel!r}]", f"must be a sha256 (64 lowercase hex digits), found {_short(digest)}")
     segments = _segments(c, root, data["segments"])
-    _graph(c, segments, inputs, outputs)
+    _graph(c, segments, {**inputs, **_tables(c, root, data.get("tables"), inputs)}, outputs)
     _caches(c, data["caches"], segments, inputs)
     for k, p in enumerate(c.array(data["passes"], "passes")):
         p = c.obj(p, f"passes[{k}]")
@@ -186,7 +197,7 @@ def _model(c: _Check, model: dict[str, Any]) -> None:
     roles = model.get("roles")
     if roles is not None:
         for name, role in c.obj(roles, "model.roles").items():
-            c.name(name, "model.roles key")
+            c.ident(name, "model.roles key")
             c.choice(role, f"model.roles[{name!r}]", ("user", "item", "sequence"))
     for name, entry in c.obj(model.get("multiples") or {}, "model.multiples").items():
         where = f"model.multiples[{c.name(name, 'model.multiples key', 64)!r}]"
@@ -207,7 +218,7 @@ def _segments(c: _Check, root: Path, value: Any) -> list[dict[str, Any]]:
         seg = c.obj(seg, where)
         for key in ("name", "role", "file", "backend", "inputs", "outputs"):
             c.key(seg, key, where)
-        name = c.name(seg["name"], f"{where}.name", longest=64)
+        name = c.ident(seg["name"], f"{where}.name")
         if name in names:
             raise c.fail("segments", f"name segment {name!r} twice")
         names.add(name)
@@ -342,7 +353,7 @@ def _caches(c: _Check, value: Any, segments: list[dict[str, Any]], inputs: Mappi
     cache = c.obj(caches[0], where)
     for key in ("name", "producer", "tensors", "seq_axis", "input", "items_per_position", "appendable"):
         c.key(cache, key, where)
-    c.name(cache["name"], f"{where}.name", longest=64)
+    c.ident(cache["name"], f"{where}.name")
     if cache["producer"] != producer["name"]:
         raise c.fail(f"{where}.producer", f"is {_short(cache['producer'])}, not the cache segment {producer['name']!r}")
     tensors = c.specs(cache["tensors"], f"{where}.tensors", lo=1)
@@ -429,3 +440,60 @@ def interface_mismatch(specs: tuple[Any, ...], found: list[tuple[str, str, list[
             return (f"{what[:-1]} {s.name!r} is {s.dtype}{list(s.shape)} in the manifest, "
                     f"{dtype}{list(shape)} in the file")
     return None
+
+
+def _tables(c: _Check, root: Path, value: Any, inputs: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Externalized tables (``externalize-embeddings``, docs/tables.md): each entry's shape, dtypes,
+    partitions and part paths (the path rule, under ``tables/<name>/``), and the id inputs it serves;
+    returns the rows inputs they add, which segments may read like model inputs."""
+    from mixexport.tables.layout import DTYPES, MAX_PARTITIONS, NAME
+
+    added: dict[str, dict[str, Any]] = {}
+    names: set[str] = set()
+    for k, t in enumerate(c.array(value if value is not None else [], "tables")):
+        where = f"tables[{k}]"
+        t = c.obj(t, where)
+        for key in ("name", "rows", "dim", "dtype", "graph_dtype", "partitions", "inputs", "parts", "version"):
+            c.key(t, key, where)
+        name = c.ident(t["name"], f"{where}.name")
+        if not NAME.fullmatch(name) or name in names:
+            raise c.fail(f"{where}.name", f"is {_short(name)}: expected a unique name of letters, digits and _")
+        names.add(name)
+        rows = c.integer(t["rows"], f"{where}.rows", lo=1, hi=2**62)
+        c.integer(t["dim"], f"{where}.dim", lo=1)
+        c.choice(t["dtype"], f"{where}.dtype", DTYPES)
+        c.choice(t["graph_dtype"], f"{where}.graph_dtype", ("float32", "float16", "bfloat16"))
+        parts = c.integer(t["partitions"], f"{where}.partitions", lo=1, hi=MAX_PARTITIONS)
+        if t.get("padding_idx") is not None:
+            c.integer(t["padding_idx"], f"{where}.padding_idx", hi=rows - 1)
+        if not isinstance(t["version"], str) or not _HEX64.fullmatch(t["version"]):
+            raise c.fail(f"{where}.version", f"must be a sha256, found {_short(t['version'])}")
+        total = 0
+        for j, part in enumerate(c.array(t["parts"], f"{where}.parts", lo=parts)):
+            part = c.obj(part, f"{where}.parts[{j}]")
+            total += c.integer(c.key(part, "rows", f"{where}.parts[{j}]"), f"{where}.parts[{j}].rows", hi=2**62)
+            for key in ("file", "ids", "scale"):
+                rel = part.get(key)
+                if rel is None and key == "scale" and t["dtype"] != "int8":
+                    continue
+                c.name(rel, f"{where}.parts[{j}].{key}", longest=4096)
+                if not rel.startswith(f"tables/{name}/"):
+                    raise c.fail(f"{where}.parts[{j}].{key}", f"is {_short(rel)}, expected a file under tables/{name}/")
+                resolve_inside(root, rel, f"{where}.parts[{j}].{key}")
+        if len(t["parts"]) != parts or total != rows:
+            raise c.fail(f"{where}.parts", f"holds {len(t['parts'])} parts of {total} rows, expected {parts} of {rows}")
+        for j, use in enumerate(c.array(t["inputs"], f"{where}.inputs", lo=1)):
+            use = c.obj(use, f"{where}.inputs[{j}]")
+            source = inputs.get(c.name(c.key(use, "input", f"{where}.inputs[{j}]"), f"{where}.inputs[{j}].input"))
+            if source is None:
+                raise c.fail(f"{where}.inputs[{j}].input", f"is {_short(use['input'])}, not a model input")
+            if use.get("column") is not None:
+                c.integer(use["column"], f"{where}.inputs[{j}].column", hi=len(source["shape"]))
+            for i, off in enumerate(c.array(use.get("offsets") or [0], f"{where}.inputs[{j}].offsets", lo=1)):
+                c.integer(off, f"{where}.inputs[{j}].offsets[{i}]", hi=2**62)
+            spec = c.spec(c.key(use, "rows_input", f"{where}.inputs[{j}]"), f"{where}.inputs[{j}].rows_input")
+            if spec["name"] in inputs or spec["name"] in added or spec["role"] != source["role"]:
+                raise c.fail(f"{where}.inputs[{j}].rows_input", f"{_short(spec['name'])} must be a new name with "
+                                                                f"the role of {source['name']!r}")
+            added[spec["name"]] = spec
+    return added

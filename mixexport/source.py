@@ -7,11 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
-import json
-import pickletools
-import posixpath
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,10 +15,10 @@ import numpy as np
 import torch
 
 from mixexport.errors import BadInputError
+from mixexport.pt2 import is_pt2, load_program
 from mixexport.specs import INPUT_ROLES, Request, TensorSpec, role_from_name
 
 EXAMPLE_BATCH = 5  # odd on purpose: avoids torch.export's 0/1 specialisation and clashes with T or D
-ZIP_MAGIC = b"PK\x03\x04"
 
 
 @dataclass(frozen=True)
@@ -113,7 +108,7 @@ def load_source(path: str | Path, roles: Mapping[str, str] | None = None) -> Sou
     if not path.is_file():
         raise BadInputError(f"{path} does not exist or is not a file",
                             "pass a mixexport checkpoint (.pt) or a torch.export program (.pt2)")
-    if _is_pt2(path):
+    if is_pt2(path):
         return _load_program(path, roles or {})
     from mixexport.models import load_checkpoint
 
@@ -132,102 +127,21 @@ def load_source(path: str | Path, roles: Mapping[str, str] | None = None) -> Sou
                   multiples=multiples, minimums=minimums)
 
 
-def _is_pt2(path: Path) -> bool:
-    with open(path, "rb") as f:
-        if f.read(4) != ZIP_MAGIC:
-            return False
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("archive_format") or n.endswith("models/model.json") for n in z.namelist())
-    except zipfile.BadZipFile:
-        return False
-
-
-# Globals a tensor pickle may name. Anything else in a .pt2 (which torch.export.load would unpickle
-# with weights_only=False) is refused before torch sees it.
-_SAFE_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_tensor_v3"), ("collections", "OrderedDict"), ("torch", "Size"),
-    ("torch", "device"), ("builtins", "set"), ("builtins", "tuple"), ("builtins", "list"),
-    ("builtins", "dict"),
-}
-_SAFE_GLOBAL_PREFIXES = ("torch.",)
-_SAFE_STORAGE = ("Storage",)
-
-
-def _pickled_members(z: zipfile.ZipFile) -> list[str]:
-    """Members torch.export.load would unpickle: *.pkl, sample inputs, and weights/constants whose
-    archive config says ``use_pickle``."""
-    names = z.namelist()
-    out = [n for n in names if n.endswith(".pkl") or "/sample_inputs/" in n]
-    for cfg in (n for n in names if n.endswith("_config.json") and "/data/" in n):
-        try:
-            entries = json.loads(z.read(cfg)).get("config", {})
-        except ValueError:
-            raise BadInputError(f"archive member {cfg} is not valid JSON", "re-export the program") from None
-        for entry in entries.values():
-            if isinstance(entry, dict) and entry.get("use_pickle"):
-                out.append(posixpath.join(posixpath.dirname(cfg), str(entry.get("path_name"))))
-    return out
-
-
-def _check_pickles(path: Path, z: zipfile.ZipFile) -> None:
-    names = set(z.namelist())
-    for name in _pickled_members(z):
-        if name not in names:
-            continue
-        data = z.read(name)
-        if data[:4] == ZIP_MAGIC:  # a nested torch.save archive
-            try:
-                with zipfile.ZipFile(io.BytesIO(data)) as inner:
-                    payloads = [(f"{name}:{n}", inner.read(n)) for n in inner.namelist() if n.endswith(".pkl")]
-            except zipfile.BadZipFile:
-                raise BadInputError(f"{path}: member {name} is a corrupt archive", "re-export the program") from None
-        else:
-            payloads = [(name, data)]
-        for where, blob in payloads:
-            for module, qual in _pickle_globals(blob):
-                ok = (module, qual) in _SAFE_GLOBALS or (
-                    module == "torch" and qual.endswith(_SAFE_STORAGE)) or (
-                    module.startswith(_SAFE_GLOBAL_PREFIXES) and qual.startswith("_rebuild"))
-                if not ok:
-                    raise BadInputError(f"{path}: refused to load: {where} would import "
-                                        f"{module}.{qual} (code, not tensors)",
-                                        "mixexport never unpickles code; re-export the program with "
-                                        "torch.export.save from a trusted model")
-
-
-def _pickle_globals(blob: bytes) -> list[tuple[str, str]]:
-    found, strings = [], []
-    try:
-        for op, arg, _ in pickletools.genops(blob):
-            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                strings.append(arg)
-            elif op.name == "GLOBAL":
-                module, _, qual = str(arg).partition(" ")
-                found.append((module, qual))
-            elif op.name == "STACK_GLOBAL":
-                found.append((strings[-2], strings[-1]) if len(strings) >= 2 else ("?", "?"))
-            elif op.name in ("INST", "OBJ"):  # protocol-0 ways to call a class
-                found.append(("?", op.name))
-    except Exception:  # noqa: BLE001 - any malformed pickle is refused below
-        found.append(("?", "malformed pickle"))
-    return found
-
-
 def _load_program(path: Path, roles: Mapping[str, str]) -> Source:
+    loaded = load_program(path)  # read once, checked, rebuilt: see mixexport/pt2/archive.py
     try:
-        with zipfile.ZipFile(path) as z:
-            _check_pickles(path, z)
-    except zipfile.BadZipFile:
-        raise BadInputError(f"{path}: not a readable .pt2 archive (truncated or corrupt?)",
+        return _program_source(path, loaded.program, loaded.sha256, roles)
+    except BadInputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch accepted a malformed program (e.g. a null input
+        # name) that fails when it is turned into a module: bad input, reported in one line
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise BadInputError(f"{path}: the program loads but is malformed: {type(e).__name__}: {first[:200]}",
                             "re-export it with torch.export.save") from None
-    try:
-        ep = torch.export.load(path)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a broken archive
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BadInputError(f"{path}: torch.export.load failed: {first[:200]}",
-                            "re-export it with torch.export.save") from None
+
+
+def _program_source(path: Path, ep: torch.export.ExportedProgram, sha256: str,
+                    roles: Mapping[str, str]) -> Source:
     names = list(ep.graph_signature.user_inputs)
     resolved = {}
     unknown = []
@@ -277,7 +191,7 @@ def _load_program(path: Path, roles: Mapping[str, str]) -> Source:
                                ("batch",) + tuple(int(d) if not isinstance(d, torch.SymInt) else "batch"
                                                   for d in (v.shape[1:] if v is not None else ())),
                                "output") for n, v in zip(out_names, out_vals))
-    return Source(kind="program", path=path, sha256=sha256_file(path), inputs=tuple(specs), outputs=outputs,
+    return Source(kind="program", path=path, sha256=sha256, inputs=tuple(specs), outputs=outputs,
                   module=module, metadata={}, notes=tuple(notes))
 
 

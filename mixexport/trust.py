@@ -10,17 +10,20 @@ in one place:
   not absolute, and resolves (symbolic links followed) inside the bundle directory.
   :meth:`mixexport.bundle.Manifest.file` calls it, so every backend's ``prepare`` does too;
   ``read_manifest`` applies it to every path before anything else reads the bundle.
-- **Content** (:func:`check_files`). A file is loaded only after its sha256 matched the manifest's
-  ``files`` entry; a file without an entry is refused as unverified. ``verify`` checks every file;
-  ``Runtime.open`` checks the files it is about to load (unless ``verify_files=False``).
+- **Content** (:func:`check_files`, and for loading :func:`mixexport.checked_load.read_checked`). A
+  file is loaded only after its sha256 matched the manifest's ``files`` entry; a file without an
+  entry is refused as unverified. ``verify`` checks every file; ``Runtime.open`` checks the files
+  it is about to load (unless ``verify_files=False``).
 
 Every refusal is an :class:`~mixexport.errors.IntegrityError` (exit 1) naming the path and the rule.
 
 The content check pins files to the manifest, so it protects against tampering only as far as the
 manifest itself is trusted: pin the manifest's own sha256 (``read_manifest(..., sha256=)``,
-``Runtime.open(..., manifest_sha256=)``, ``mixexport verify --manifest-sha256``). The checks run
-before loading, not atomically with it: whoever can write into the bundle directory *while* a
-process opens it can swap a file between the two.
+``Runtime.open(..., manifest_sha256=)``, ``mixexport verify --manifest-sha256``). What
+``Runtime.open`` loads is the very bytes it hashed, read once (:mod:`mixexport.checked_load`), so a
+file swapped after its check is not loaded; docs/security.md lists the readers where that does not
+hold. The same bytes are held to two content rules here: op domains (:func:`check_domains`) and ONNX
+Runtime's reserved in-memory location (:func:`location_problem`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import mmap
 import os
 import posixpath
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from mixexport.errors import BadInputError, IntegrityError
 
@@ -39,6 +42,13 @@ PATH_HINT = ("a bundle is a trust boundary: nothing outside it is read; rebuild 
              "again from where it was published")
 CONTENT_HINT = "the bundle was modified after it was built; rebuild it, or fetch it again from where it was published"
 MAX_PATH = 1024
+#: ONNX Runtime's name for "this external tensor is at the memory address in its offset"
+ORT_MEMORY_LOCATION = "*/_ORT_MEM_ADDR_/*"
+ORT_MEMORY_TAG = "_ORT_MEM_ADDR_"
+#: the op domains a segment's nodes may use: standard ONNX (``""``, ``ai.onnx``, ``ai.onnx.ml``) and
+#: ONNX Runtime's contrib ops (``com.microsoft``, which the int8 passes emit: MatMulIntegerToFloat).
+#: Anything else is a custom op, whose kernel would come from a library the bundle cannot ship.
+ALLOWED_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 
 
 def _shown(value: object) -> str:
@@ -129,19 +139,34 @@ def external_data_files(root: Path, rel: str) -> list[str]:
     is scanned, not given to a library that would follow the locations."""
     path = resolve_inside(root, rel, "segment file")
     locations = _locations(path, rel)
+    return list(dict.fromkeys(location_files(root, rel, locations).values()))
+
+
+def location_files(root: Path, rel: str, locations: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """{location as written in ``rel``: the bundle-relative file it names}, every location checked:
+    not ONNX Runtime's reserved in-memory name, and the path rule (relative to ``rel``'s directory)."""
     folder = posixpath.dirname(rel)
-    out: list[str] = []
+    out: dict[str, str] = {}
     for tensor, location in locations:
         where = f"external-data location of tensor {_shown(tensor)} in {rel}"
-        reason = path_problem(location)
+        reason = location_problem(location)
         if reason is not None:
             raise IntegrityError(f"{where} {_shown(location)} breaks the bundle path rule ({PATH_RULE}): {reason}",
                                  PATH_HINT)
         inner = posixpath.normpath(posixpath.join(folder, location))
         resolve_inside(root, inner, where)
-        if inner not in out:
-            out.append(inner)
+        out[location] = inner
     return out
+
+
+def location_problem(location: object) -> str | None:
+    """Why an external-data ``location`` may not be loaded, or None: the path rule, and ONNX
+    Runtime's reserved name ``*/_ORT_MEM_ADDR_/*``, with which ORT reads the tensor from the memory
+    address written in its ``offset`` (a pointer, not a file). Recent ORT refuses it in a model it
+    loads; mixexport refuses it first, whatever the ORT version."""
+    if isinstance(location, str) and ORT_MEMORY_TAG.lower() in location.lower():
+        return f"it is ONNX Runtime's reserved in-memory location {ORT_MEMORY_LOCATION!r} (a memory address, not a file)"
+    return path_problem(location)
 
 
 def _locations(path: Path, rel: str) -> list[tuple[str, str]]:
@@ -164,43 +189,164 @@ def _locations(path: Path, rel: str) -> list[tuple[str, str]]:
         model = onnx.load_model(os.fspath(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as e:
         raise IntegrityError(f"{rel} is not a readable ONNX model ({str(e)[:120]})", CONTENT_HINT) from None
+    return model_locations(model, rel)
+
+
+def model_locations(model: object, rel: str, initializers_only: bool = False) -> list[tuple[str, str]]:
+    """(tensor name, location) of every externally stored tensor of the parsed ONNX ``model``.
+
+    ``initializers_only``: refuse external data anywhere but the main graph's initializers (where
+    the exporter puts it). A model loaded from memory gets its external data handed over by name
+    (:mod:`mixexport.checked_load`); ONNX Runtime looks those names up for main-graph initializers
+    only, and would read any other external tensor from a path of its own choosing.
+    """
+    import onnx
+
     out = []
-    for t in _tensors(model):
+    for t, main in _tensors(model):
         entries = {e.key: e.value for e in t.external_data}
         if t.data_location == onnx.TensorProto.EXTERNAL or entries:
             if "location" not in entries:
                 raise IntegrityError(f"tensor {_shown(t.name)} in {rel} is stored externally but names no location",
                                      CONTENT_HINT)
+            if initializers_only and not main:
+                raise IntegrityError(f"tensor {_shown(t.name)} in {rel} keeps its data in an external file but is not "
+                                     "an initializer of the main graph; refusing to load it", CONTENT_HINT)
             out.append((t.name, entries["location"]))
     return out
 
 
-def _tensors(model: object) -> Iterator[object]:
-    """Every TensorProto of an ONNX model: initializers, sparse initializers and attribute tensors of
-    the main graph, of every subgraph, of every function and of training graphs."""
+def check_domains(model: object, rel: str) -> None:
+    """Refuse (:class:`IntegrityError`) a node in an op domain outside :data:`ALLOWED_DOMAINS` that
+    is not a call of one of the model's own functions: a custom op, whose kernel a bundle cannot
+    bring (session options may not register op libraries), so ONNX Runtime could only fail on it."""
+    functions = {(f.domain, f.name) for f in model.functions}  # type: ignore[attr-defined]
     graphs = [model.graph]  # type: ignore[attr-defined]
     nodes = [n for f in model.functions for n in f.node]  # type: ignore[attr-defined]
-    attrs = [a for f in model.functions for a in f.attribute_proto]  # type: ignore[attr-defined]
+    while graphs or nodes:
+        if graphs:
+            nodes.extend(graphs.pop().node)
+            continue
+        node = nodes.pop()
+        if node.domain not in ALLOWED_DOMAINS and (node.domain, node.op_type) not in functions:
+            raise IntegrityError(
+                f"{rel}: node {_shown(node.name)} is op {_shown(node.op_type)} of the custom-op domain "
+                f"{_shown(node.domain)}; a segment may use only the domains {', '.join(map(repr, ALLOWED_DOMAINS))} "
+                "(standard ONNX and ONNX Runtime's contrib ops)", CONTENT_HINT)
+        for a in node.attribute:
+            if a.HasField("g"):
+                graphs.append(a.g)
+            graphs.extend(a.graphs)
+
+
+def _tensors(model: object) -> Iterator[tuple[Any, bool]]:
+    """Every TensorProto of an ONNX model: initializers, sparse initializers and attribute tensors of
+    the main graph, of every subgraph, of every function and of training graphs; each with whether
+    it is an initializer of the main graph."""
+    main = model.graph  # type: ignore[attr-defined]
+    yield from ((t, True) for t in main.initializer)
+    graphs = []
     for info in model.training_info:  # type: ignore[attr-defined]
         graphs += [info.initialization, info.algorithm]
-    while graphs or nodes or attrs:
+    sparse = list(main.sparse_initializer)
+    nodes = list(main.node) + [n for f in model.functions for n in f.node]  # type: ignore[attr-defined]
+    attrs = [a for f in model.functions for a in f.attribute_proto]  # type: ignore[attr-defined]
+    while graphs or sparse or nodes or attrs:
         if graphs:
             g = graphs.pop()
-            yield from g.initializer
-            for s in g.sparse_initializer:
-                yield from (s.values, s.indices)
+            yield from ((t, False) for t in g.initializer)
+            sparse.extend(g.sparse_initializer)
             nodes.extend(g.node)
+        elif sparse:
+            sp = sparse.pop()
+            yield from ((sp.values, False), (sp.indices, False))
         elif nodes:
             attrs.extend(nodes.pop().attribute)
         else:
             a = attrs.pop()
             if a.HasField("t"):
-                yield a.t
-            yield from a.tensors
+                yield a.t, False
+            yield from ((t, False) for t in a.tensors)
+            sparse.extend(a.sparse_tensors)
             if a.HasField("sparse_tensor"):
-                yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
-            for s in a.sparse_tensors:
-                yield from (s.values, s.indices)
+                sparse.append(a.sparse_tensor)
             if a.HasField("g"):
                 graphs.append(a.g)
             graphs.extend(a.graphs)
+
+
+# --------------------------------------------------------------------------------------------
+# the parts of an ONNX model the rules read, without its weights
+
+# field numbers of onnx.proto3 (ModelProto, GraphProto, TensorProto)
+_MODEL_GRAPH, _GRAPH_NODE, _GRAPH_INITIALIZER = 7, 1, 5
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
+
+
+def onnx_skeleton(data: bytes) -> Any:
+    """The ONNX model ``data`` with what :func:`check_domains` and :func:`model_locations` read —
+    every node, function, training graph and sparse initializer, and the main-graph initializers
+    that keep their data externally — but without the inline weights of the main graph, which are
+    skipped on the wire instead of parsed (a copy of all the weights, to read none of them).
+    Raises ``ValueError`` on bytes that are not protobuf wire format."""
+    import onnx
+
+    data = memoryview(data)  # type: ignore[assignment]  # slices without copies
+    graphs, parts = [], []
+    for num, wire, first, value, end in _fields(data, 0, len(data)):
+        if num == _MODEL_GRAPH and wire == 2:
+            graphs.append(data[value:end])
+        else:
+            parts.append(data[first:end])
+    # a field given twice is merged by every protobuf reader, as is the concatenation of the values
+    graph = graphs[0] if len(graphs) == 1 else memoryview(b"".join(graphs))
+    model = onnx.ModelProto()
+    model.ParseFromString(b"".join(parts))
+    kept = [graph[first:end] for num, wire, first, value, end in _fields(graph, 0, len(graph))
+            if not (num == _GRAPH_INITIALIZER and wire == 2 and not _external(graph, value, end))]
+    model.graph.ParseFromString(b"".join(kept))
+    return model
+
+
+def _external(buf: bytes, start: int, end: int) -> bool:
+    """Whether the TensorProto ``buf[start:end]`` keeps its data externally (or says it does)."""
+    for num, wire, _first, value, _end in _fields(buf, start, end):
+        if num == _TENSOR_EXTERNAL_DATA or (num == _TENSOR_DATA_LOCATION and wire == 0
+                                            and _varint(buf, value)[0] != 0):
+            return True
+    return False
+
+
+def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, start of its key, start of its value, end) of each field of the
+    protobuf message ``buf[pos:end]``, read without parsing the values."""
+    while pos < end:
+        first = pos
+        key, pos = _varint(buf, pos)
+        num, wire = key >> 3, key & 7
+        value = pos
+        if wire == 2:
+            n, value = _varint(buf, pos)
+            pos = value + n
+        elif wire == 0:
+            pos = _varint(buf, pos)[1]
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > end or num == 0:
+            raise ValueError("truncated or malformed protobuf field")
+        yield num, wire, first, value, pos
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("malformed protobuf varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +31,10 @@ from . import hyformer, longer, mixformer, msn, pyramid_mixer, rankmixer, rankmi
 from .common import FeatureSchema, RankingModel, config_from_dict, config_to_dict, random_feeds
 
 CHECKPOINT_FORMAT = "mixexport.ckpt/1"
+#: checkpoints at least this large are memory-mapped (``torch.load(mmap=True)``) and the model is
+#: built on the meta device, its weights assigned from the mapping: a table of many GB is never
+#: whole in RAM (externalize-embeddings then writes it out chunk by chunk; docs/tables.md)
+MMAP_BYTES = 1 << 30
 FAMILIES: dict[str, ModuleType] = {m.FAMILY: m for m in (rankmixer, ugsep, longer, rankmixer_moe, tokenmixer_large,
                                                             mixformer, pyramid_mixer, msn, hyformer)}
 
@@ -98,7 +101,8 @@ def save_checkpoint(model: RankingModel, path: str | os.PathLike[str],
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Load a mixexport checkpoint safely; every problem is a one-line :class:`BadInputError`."""
     path = Path(path)
-    payload = _read_payload(path)
+    big = path.is_file() and path.stat().st_size >= MMAP_BYTES
+    payload = _read_payload(path, mmap=big)
     fmt = payload.get("format")
     if fmt != CHECKPOINT_FORMAT:
         raise BadInputError(f"{path}: expected checkpoint format {CHECKPOINT_FORMAT!r}, found {fmt!r}",
@@ -115,19 +119,23 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     except (ValueError, TypeError) as e:
         raise BadInputError(f"{path}: invalid {family} config: {e}",
                             f"compare with {family}.tiny() in mixexport.models") from None
-    model = mod.Model(config)
+    with torch.device("meta" if big else "cpu"):
+        model = mod.Model(config)
     state = payload["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BadInputError(f"{path}: state_dict must map names to tensors",
                             "save it with mixexport.models.save_checkpoint")
-    _check_state(path, model, state)
-    model.load_state_dict(state, strict=True)
+    state = _check_state(path, model, state)
+    model.load_state_dict(state, strict=True, assign=big)
+    if big and any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model = mod.Model(config)  # a tensor the checkpoint does not hold was built on meta: build it for real
+        model.load_state_dict(state, strict=True)
     model.eval()
     metadata = payload.get("metadata") or {}
     return Checkpoint(model=model, family=family, config=config_to_dict(config), metadata=dict(metadata))
 
 
-def _read_payload(path: Path) -> dict[str, Any]:
+def _read_payload(path: Path, mmap: bool = False) -> dict[str, Any]:
     if not path.is_file():
         raise BadInputError(f"checkpoint {path} does not exist or is not a file",
                             "check the path")
@@ -138,14 +146,15 @@ def _read_payload(path: Path) -> dict[str, Any]:
             raise BadInputError(f"{path}: not a readable torch checkpoint (expected a torch.save zip "
                                 "archive)", "save it with mixexport.models.save_checkpoint")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
         raise BadInputError(f"{path}: refused to load: it holds objects other than tensors and "
                             f"plain data ({first[:160]})",
                             "mixexport never unpickles code; re-save with "
                             "mixexport.models.save_checkpoint") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - a corrupt archive raises RuntimeError, TypeError (a negative
+        # storage size), EOFError, BadZipFile, ...: every one is bad input, none a bug of ours
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInputError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
                             f"{first[:160]}", "re-save the checkpoint") from None
@@ -155,7 +164,9 @@ def _read_payload(path: Path) -> dict[str, Any]:
     return payload
 
 
-def _check_state(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def _check_state(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` checked against the model's names, shapes and dtypes, with the lossless widenings
+    done here (so that ``load_state_dict(assign=True)`` gets them too); other tensors untouched."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -172,3 +183,28 @@ def _check_state(path: Path, model: torch.nn.Module, state: dict[str, torch.Tens
             raise BadInputError(f"{path}: weight {name!r} has shape {tuple(state[name].shape)}, the "
                                 f"config expects {tuple(tensor.shape)}",
                                 "the checkpoint's config and weights come from different models")
+        found, want = state[name].dtype, tensor.dtype
+        if found != want and want not in _LOSSLESS_TO.get(found, ()):
+            # load_state_dict would cast in silence: float64 rounds, complex drops its imaginary part
+            raise BadInputError(f"{path}: weight {name!r} has dtype {str(found).replace('torch.', '')}, the "
+                                f"{type(model).__module__.rsplit('.', 1)[-1]} family declares "
+                                f"{str(want).replace('torch.', '')}; mixexport casts only losslessly "
+                                "(float16/bfloat16 to float32, narrower ints to int64)",
+                                f"cast the weights to {str(want).replace('torch.', '')} before saving "
+                                "(model.float()), after checking that nothing is lost")
+        if state[name].layout != torch.strided:
+            raise BadInputError(f"{path}: weight {name!r} is a {state[name].layout} tensor, expected a dense one",
+                                "save dense weights (tensor.to_dense())")
+    return {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in state.items()}
+
+
+# dtype -> the dtypes it widens to without losing a value (float16/bfloat16 fit in float32 exactly)
+_LOSSLESS_TO: dict[torch.dtype, tuple[torch.dtype, ...]] = {
+    torch.float16: (torch.float32, torch.float64),
+    torch.bfloat16: (torch.float32, torch.float64),
+    torch.float32: (torch.float64,),
+    torch.int8: (torch.int16, torch.int32, torch.int64),
+    torch.uint8: (torch.int16, torch.int32, torch.int64),
+    torch.int16: (torch.int32, torch.int64),
+    torch.int32: (torch.int64,),
+}

@@ -15,6 +15,7 @@
 // bundle's inputs/sample.npz.
 #pragma once
 
+#include <algorithm>
 #include <cctype>
 #include <cstdio>
 #include <filesystem>
@@ -72,6 +73,34 @@ inline std::string shown(const std::string& s) {
   return out + "'";
 }
 
+// The one name rule for segment and tensor names (mixexport/names.py): they become file names
+// (<input>.npy in a request directory) and model names, so they are checked when the manifest is read.
+inline const char* kNameRule = "1 to 128 characters from A-Z a-z 0-9 _ . -, not starting with '.' or '-'";
+
+// Why `name` breaks the name rule, or "" (the same words as Python's name_problem).
+inline std::string manifest_name_problem(const std::string& name) {
+  if (name.empty()) return "it is empty";
+  if (name.size() > 128) return "it has " + std::to_string(name.size()) + " characters, more than 128";
+  for (unsigned char ch : name) {
+    if (!(std::isalnum(ch) && ch < 0x80) && ch != '_' && ch != '.' && ch != '-')
+      return "it holds " + shown(std::string(1, static_cast<char>(ch)));
+  }
+  if (name[0] == '.' || name[0] == '-') return "it starts with " + shown(name.substr(0, 1));
+  return "";
+}
+
+// Throws unless `name` (the entry `where` of the manifest file `manifest`, e.g. "segments[0].name")
+// obeys the name rule; the message is the Python reader's (a long name shortened the same way).
+inline void check_manifest_name(const std::string& name, const std::string& where,
+                                const std::string& manifest = "manifest") {
+  std::string problem = manifest_name_problem(name);
+  if (problem.empty()) return;
+  std::string text = shown(name);
+  if (text.size() > 80) text = text.substr(0, 72) + "\u2026" + text.substr(text.size() - 6);
+  throw std::runtime_error(manifest + ": " + where + " is " + text + ", which breaks the name rule (" + kNameRule +
+                           "): " + problem);
+}
+
 // Why `rel` breaks the path rule on its own (without the file system), or "".
 inline std::string path_problem(const std::string& rel) {
   if (rel.empty()) return "it is empty";
@@ -121,6 +150,7 @@ struct Bundle {
   std::vector<Spec> inputs, outputs;  // the model's interface
   std::vector<Segment> segments;
   std::map<std::string, std::string> files;  // bundle-relative path -> sha256
+  json data;  // the whole manifest, for readers of entries not modelled here (session options, caches)
 
   const Segment* find(const std::string& role) const {
     for (const auto& s : segments)
@@ -182,12 +212,13 @@ inline const json& array(const json& v, const std::string& where) {
   return v;
 }
 
-inline std::vector<Spec> specs(const json& list, const std::string& where) {
+inline std::vector<Spec> specs(const json& list, const std::string& where, const std::string& manifest = "manifest") {
   std::vector<Spec> out;
   size_t k = 0;
   for (const auto& v : array(list, where)) {
     std::string w = where + "[" + std::to_string(k++) + "]";
     Spec s{str(at(v, "name", w), w + ".name"), str(at(v, "dtype", w), w + ".dtype"), str(at(v, "role", w), w + ".role"), {}};
+    check_manifest_name(s.name, w + ".name", manifest);
     for (const auto& d : array(at(v, "shape", w), w + ".shape")) {
       if (d.is_string()) s.shape.push_back(d.get<std::string>());
       else if (d.is_number_unsigned()) s.shape.push_back(std::to_string(d.get<uint64_t>()));
@@ -202,7 +233,10 @@ inline std::vector<Spec> specs(const json& list, const std::string& where) {
 inline json parse_manifest(const std::string& text) {
   std::vector<std::set<std::string>> keys;
   std::string duplicate;
-  json::parser_callback_t cb = [&](int /*depth*/, json::parse_event_t event, json& parsed) {
+  json::parser_callback_t cb = [&](int depth, json::parse_event_t event, json& parsed) {
+    // copying or walking a json value recurses: a manifest nested past any real one is refused
+    // here, as Python's reader refuses it (RecursionError), before it can exhaust the stack
+    if (depth > 256) throw std::runtime_error("manifest.json is nested too deeply to be a manifest");
     if (event == json::parse_event_t::object_start) keys.emplace_back();
     else if (event == json::parse_event_t::object_end) keys.pop_back();
     else if (event == json::parse_event_t::key && !keys.back().insert(parsed.get<std::string>()).second && duplicate.empty())
@@ -237,11 +271,13 @@ inline Bundle load(const std::string& root, const std::string& pinned = "") {
     throw std::runtime_error("manifest: unsupported bundle schema version " + version.dump());
   Bundle b;
   b.root = root;
+  b.data = m;
   b.target = str(at(m, "target", "manifest"), "target");
   b.precision = m.contains("precision") && m["precision"].is_string() ? m["precision"].get<std::string>() : "fp32";
   const json& model = at(m, "model", "manifest");
-  b.inputs = specs(at(model, "inputs", "model"), "model.inputs");
-  b.outputs = specs(at(model, "outputs", "model"), "model.outputs");
+  std::string manifest = root + "/manifest.json";
+  b.inputs = specs(at(model, "inputs", "model"), "model.inputs", manifest);
+  b.outputs = specs(at(model, "outputs", "model"), "model.outputs", manifest);
   const json& files = at(m, "files", "manifest");
   if (!files.is_object()) throw std::runtime_error("manifest: files must be an object");
   for (const auto& kv : files.items()) {
@@ -253,7 +289,9 @@ inline Bundle load(const std::string& root, const std::string& pinned = "") {
   for (const auto& v : array(at(m, "segments", "manifest"), "segments")) {
     std::string w = "segments[" + std::to_string(i++) + "]";
     Segment s{str(at(v, "name", w), w + ".name"), str(at(v, "role", w), w + ".role"),
-              specs(at(v, "inputs", w), w + ".inputs"), specs(at(v, "outputs", w), w + ".outputs"), {}};
+              specs(at(v, "inputs", w), w + ".inputs", manifest), specs(at(v, "outputs", w), w + ".outputs", manifest),
+              {}};
+    check_manifest_name(s.name, w + ".name", manifest);
     if (!names.insert(s.name).second) throw std::runtime_error("manifest: segments name segment " + shown(s.name) + " twice");
     resolve_inside(root, str(at(v, "file", w), w + ".file"), w + ".file");
     if (v.contains("data_files") && !v["data_files"].is_null()) {
@@ -273,9 +311,12 @@ inline Bundle load(const std::string& root, const std::string& pinned = "") {
     }
     b.segments.push_back(s);
   }
-  bool full = b.segments.size() == 1 && b.segments[0].role == "full";
-  bool split = b.segments.size() == 2 && b.find("user") && b.find("item");
-  if (!full && !split) throw std::runtime_error("unsupported segment layout: expected one full segment, or user + item");
+  // the runtime's layouts (mixexport/manifest_check.py LAYOUTS); a scorer refuses those it does not run
+  std::multiset<std::string> roles;
+  for (const auto& s : b.segments) roles.insert(s.role);
+  const std::vector<std::multiset<std::string>> layouts = {{"full"}, {"user", "item"}, {"cache", "item"}, {"cache", "user", "item"}};
+  if (std::find(layouts.begin(), layouts.end(), roles) == layouts.end())
+    throw std::runtime_error("unsupported segment layout: expected one full segment, or user/cache segments and an item segment");
   return b;
 }
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from mixexport.backends.base import SessionBase
 from mixexport.bundle import Bundle, BundleWriter, Manifest, SegmentEntry
+from mixexport.checked_load import CheckedFile, private_copy, read_checked
 from mixexport.errors import BadInputError, EnvironmentUnavailableError
 from mixexport.specs import TensorSpec
 
@@ -94,11 +95,18 @@ class AotiSession(SessionBase):
     """One loaded AOTI package; numpy in, numpy out (bf16 outputs come back as float32, since
     numpy has no bfloat16; inputs are cast back to the spec's dtype on the way in)."""
 
-    def __init__(self, path: Path, segment: SegmentEntry, device: str) -> None:
+    def __init__(self, package: Path | CheckedFile, segment: SegmentEntry, device: str) -> None:
         import torch
 
         self.device = torch.device(device)
-        self.model = torch._inductor.aoti_load_package(str(path))
+        if isinstance(package, CheckedFile):
+            # the loader takes a path only: a private copy of the checked bytes (mixexport.checked_load)
+            with private_copy(package.data, "package.pt2") as copy:
+                self.model = torch._inductor.aoti_load_package(str(copy))
+            path: Path | str = package.rel
+        else:
+            path = package
+            self.model = torch._inductor.aoti_load_package(str(path))
         meta = self.model.get_metadata()
         self.input_names = [n for n in meta.get(INPUTS_KEY, "").split(",") if n]
         self.output_names = [n for n in meta.get(OUTPUTS_KEY, "").split(",") if n]
@@ -138,6 +146,8 @@ class AotiBackend:
     """``--target aoti``: AOTInductor packages of the segments' programs, CPU or CUDA."""
 
     name = "aoti"
+    #: ``prepare`` takes the checked bytes (:func:`mixexport.checked_load.open_sessions`)
+    loads_checked = True
     #: the artifact is compiled from the torch.export program, not from the ONNX graph
     consumes = "program"
 
@@ -175,7 +185,10 @@ class AotiBackend:
             out[seg.name] = {self.name: rel}
         return out
 
-    def prepare(self, manifest: Manifest, segment: SegmentEntry, workdir: Path | None = None) -> AotiSession:
+    def prepare(self, manifest: Manifest, segment: SegmentEntry, workdir: Path | None = None,
+                checked: CheckedFile | None = None) -> AotiSession:
+        """Load ``segment``'s package from the bytes that were checked: ``checked`` (read by
+        :func:`~mixexport.checked_load.open_sessions`), else read and checked here."""
         rel = segment.engines.get(self.name)
         if not rel:
             raise BadInputError(f"segment {segment.name!r} has no AOTI package (bundle target "
@@ -189,7 +202,9 @@ class AotiBackend:
         if f".aoti.{here}." not in rel:
             raise EnvironmentUnavailableError(f"{rel} was compiled for another architecture than this "
                                               f"machine's ({here})", "rebuild the bundle on this machine")
-        return AotiSession(manifest.file(rel), segment, self.device)
+        if checked is None:
+            checked = read_checked(manifest.root, manifest.data["files"], rel)
+        return AotiSession(checked, segment, self.device)
 
     def describe(self) -> dict[str, Any]:
         import torch

@@ -25,6 +25,8 @@ providers are active (``mixexport inspect``, ``bench``/``verify --device cuda``)
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,7 +34,8 @@ import numpy as np
 
 from mixexport.backends.base import SessionBase
 from mixexport.bundle import Manifest, SegmentEntry
-from mixexport.errors import BadInputError, EnvironmentUnavailableError
+from mixexport.checked_load import CheckedOnnx, read_checked_onnx
+from mixexport.errors import BadInputError, EnvironmentUnavailableError, MixexportError
 from mixexport.manifest_check import interface_mismatch
 
 #: The wheels that install the ``onnxruntime`` module (one at a time).
@@ -47,10 +50,29 @@ DEFAULT_OPTIONS: dict[str, Any] = {
 
 
 class OrtSession(SessionBase):
-    def __init__(self, path: Path | bytes, options: Mapping[str, Any], device: str) -> None:
+    """One ``InferenceSession``. ``external``: the model's external-data files by ``location``
+    string, handed over from memory (a model given as bytes then opens no file; see
+    :mod:`mixexport.checked_load`)."""
+
+    def __init__(self, path: Path | bytes, options: Mapping[str, Any], device: str,
+                 external: Mapping[str, bytes | bytearray] | None = None) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
+        if external:
+            if not hasattr(so, "add_external_initializers_from_files_in_memory"):
+                raise EnvironmentUnavailableError(
+                    f"ONNX Runtime {ort.__version__} cannot take external data from memory (its Python API "
+                    "lacks SessionOptions.add_external_initializers_from_files_in_memory), and mixexport loads "
+                    "only the bytes it checked", "upgrade ONNX Runtime: pip install -U onnxruntime")
+            names = list(external)
+            so.add_external_initializers_from_files_in_memory(names, [external[n] for n in names],
+                                                              [len(external[n]) for n in names])
+        # a model given as bytes would read any external tensor not handed over from memory relative
+        # to the working directory: point that at an empty directory, so such a read fails instead
+        no_files = tempfile.mkdtemp(prefix="mixexport-ort-") if external is not None else None
+        if no_files is not None:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", no_files)
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, options["graph_optimization_level"])
         for key, value in options.get("config", {}).items():
             so.add_session_config_entry(key, str(value))
@@ -71,6 +93,16 @@ class OrtSession(SessionBase):
                 f"ONNX Runtime ({providers[0]}) has no kernel for an op of this graph: {first[:240]}",
                 "the CPU provider lacks most bfloat16 kernels: for --precision bf16 use --device cuda "
                 "(onnxruntime-gpu) or --target aoti") from None
+        finally:
+            if no_files is not None:
+                os.rmdir(no_files)
+        if no_files is not None:
+            # ORT's Python wrapper keeps the model bytes for the rest of the session only to rebuild it
+            # on a provider fallback (its own comment calls that holding the memory indefinitely):
+            # without the fallback, an inline model's weights are not held twice (a bundle segment
+            # that cannot run on its provider then fails instead of silently moving to the CPU)
+            self.session.disable_fallback()
+            self.session._model_bytes = None
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -85,6 +117,8 @@ class OrtSession(SessionBase):
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    #: ``prepare`` takes the checked bytes (:func:`mixexport.checked_load.open_sessions`)
+    loads_checked = True
 
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
@@ -114,14 +148,35 @@ class OnnxRuntimeBackend:
             raise EnvironmentUnavailableError(reason)
         return OrtSession(path, options or self.session_options(), self.device)
 
-    def open_bytes(self, model: bytes, options: Mapping[str, Any] | None = None) -> OrtSession:
-        """A session on an in-memory model (the build's stage ledger); same options as files."""
-        return OrtSession(model, options or self.session_options(), self.device)
+    def open_bytes(self, model: bytes, options: Mapping[str, Any] | None = None,
+                   external: Mapping[str, bytes | bytearray] | None = None) -> OrtSession:
+        """A session on an in-memory model (the build's stage ledger, a checked bundle segment) and
+        its external data by location; same options as files."""
+        return OrtSession(model, options or self.session_options(), self.device, external)
 
-    def prepare(self, manifest: Manifest, segment: SegmentEntry, workdir: Path | None = None) -> OrtSession:
+    def prepare(self, manifest: Manifest, segment: SegmentEntry, workdir: Path | None = None,
+                checked: CheckedOnnx | None = None) -> OrtSession:
+        """A session on ``segment``'s ONNX file and external data, from the bytes that were checked:
+        ``checked`` (read by the caller, :func:`~mixexport.checked_load.open_sessions`), else read and
+        checked here. ONNX Runtime gets those bytes, never a path."""
+        reason = self.unavailable_reason()
+        if reason:
+            raise EnvironmentUnavailableError(reason)
+        if checked is None:
+            checked = read_checked_onnx(manifest.root, manifest.data["files"], segment.file)
         # a segment built for another backend (aoti, tensorrt) records that backend's options
         options = segment.session_options if segment.backend == self.name else None
-        session = self.open_file(manifest.file(segment.file), options or self.session_options())
+        external = {loc: f.data for loc, f in checked.external.items()}
+        try:
+            session = self.open_bytes(checked.model, options or self.session_options(), external)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own untyped errors; ours pass through
+            if isinstance(e, MixexportError):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BadInputError(f"ONNX Runtime cannot load segment {segment.name!r} ({segment.file}): {first[:300]}",
+                                "rebuild the bundle, or fetch it again from where it was published") from None
+        finally:
+            del checked, external  # ORT copied what it needs: the checked bytes can go
         declared = [(a.name, a.type, a.shape) for a in session.session.get_inputs()], \
             [(a.name, a.type, a.shape) for a in session.session.get_outputs()]
         problem = (interface_mismatch(segment.inputs, declared[0], "inputs")

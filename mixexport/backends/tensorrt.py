@@ -47,6 +47,7 @@ from mixexport.backends.trt_build import (EngineBuild, build_engine, dequantized
 from mixexport.backends.trt_profiles import (DEFAULT_PROFILE, Profile, axis_profile, check_shapes_apply,
                                              derive_profile, parse_shapes, resolve_axes)
 from mixexport.bundle import Bundle, BundleWriter, Manifest, SegmentEntry
+from mixexport.checked_load import CheckedFile, read_checked
 from mixexport.errors import BadInputError, EnvironmentUnavailableError
 from mixexport.specs import TensorSpec
 
@@ -122,7 +123,7 @@ def _torch_dtype(trt_dtype: Any) -> Any:
 class TrtSession(SessionBase):
     """One deserialized engine: numpy in, numpy out through torch CUDA buffers."""
 
-    def __init__(self, trt: Any, plan: bytes, segment: SegmentEntry, label: str, host_code: bool) -> None:
+    def __init__(self, trt: Any, plan: bytes | bytearray, segment: SegmentEntry, label: str, host_code: bool) -> None:
         import torch
 
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -187,6 +188,8 @@ class TensorRTBackend:
 
     name = "tensorrt"
     label = "TensorRT"
+    #: ``prepare`` takes the checked bytes (:func:`mixexport.checked_load.open_sessions`)
+    loads_checked = True
     modules: tuple[str, ...] = ("tensorrt",)
     extra = "trt"
     min_major = 10
@@ -346,7 +349,10 @@ class TensorRTBackend:
         require_int8_engines(int8_checks, self.label)
         return entries
 
-    def prepare(self, manifest: Manifest, segment: SegmentEntry, workdir: Path | None = None) -> TrtSession:
+    def prepare(self, manifest: Manifest, segment: SegmentEntry, workdir: Path | None = None,
+                checked: CheckedFile | None = None) -> TrtSession:
+        """Deserialize ``segment``'s plan from the bytes that were checked: ``checked`` (read by
+        :func:`~mixexport.checked_load.open_sessions`), else read and checked here."""
         rel = segment.engines.get(self.name)
         if not rel:
             raise BadInputError(f"segment {segment.name!r} has no {self.label} engine (bundle target "
@@ -358,7 +364,9 @@ class TensorRTBackend:
             raise EnvironmentUnavailableError(f"{rel} was built for {','.join(archs)}, not for this GPU ({here})",
                                               "rebuild the bundle for this GPU (--arch with trt-rtx)")
         host_code = bool(segment.session_options.get("version_compatible"))
-        return TrtSession(trt, manifest.file(rel).read_bytes(), segment, self.label, host_code)
+        if checked is None:
+            checked = read_checked(manifest.root, manifest.data["files"], rel, as_bytes=True)
+        return TrtSession(trt, checked.data, segment, self.label, host_code)
 
     def describe(self) -> dict[str, Any]:
         trt = self.module()

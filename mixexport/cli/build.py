@@ -27,7 +27,8 @@ def _roles(values: tuple[str, ...]) -> dict[str, str]:
 @click.argument("checkpoint", type=click.Path())
 @click.option("--target", default="onnx", show_default=True,
               help="What the bundle runs on: onnx (ONNX Runtime), aoti (AOTInductor .pt2 packages), "
-                   "trt (TensorRT >= 10 engines), trt-rtx (TensorRT for RTX engines).")
+                   "trt (TensorRT >= 10 engines), trt-rtx (TensorRT for RTX engines), "
+                   "openvino (OpenVINO IR on CPU; pip install \"mixexport[openvino]\").")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Where the bundle runs [default: cuda for trt/trt-rtx, else cpu].")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
@@ -44,7 +45,8 @@ def _roles(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--no-passes", is_flag=True, help="Apply no passes.")
 @pass_options_option
 @click.option("--out", type=click.Path(), default=None, help="Bundle directory (default: <checkpoint stem>.<target>).")
-@click.option("--force", is_flag=True, help="Replace an existing --out (only once the new bundle is complete).")
+@click.option("--force", is_flag=True, help="Replace an existing --out once the new bundle is complete: only a "
+                                            "bundle mixexport wrote, or an empty directory.")
 @click.option("--roles", multiple=True, metavar="NAME=ROLE", help="Role of a .pt2 input: user, item or sequence.")
 @data_options
 @tolerance_options

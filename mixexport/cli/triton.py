@@ -11,7 +11,8 @@ from mixexport.cli.options import emit_json, json_option
 
 @click.command("triton")
 @click.argument("bundle", type=click.Path())
-@click.option("--out", type=click.Path(), required=True, help="The model repository directory to write.")
+@click.option("--out", type=click.Path(), required=True,
+              help="The model repository directory to write (not the bundle, nor a directory holding it).")
 @click.option("--flavour", type=click.Choice(["python", "native"]), default="python", show_default=True,
               help="python: one python-backend model serving the bundle through mixexport's Runtime (per-user "
                    "caches across requests); native: one onnxruntime_onnx / tensorrt_plan model per segment "
@@ -24,7 +25,8 @@ from mixexport.cli.options import emit_json, json_option
               help="native flavour, unsplit bundles: the dynamic batcher's largest batch.")
 @click.option("--manifest-sha256", "manifest_sha256", metavar="HEX", default=None,
               help="Refuse the bundle unless its manifest.json has this sha256.")
-@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing --out: only a repository mixexport wrote, or an empty directory.")
 @json_option
 def command(bundle: str, out: str, flavour: str, name: str | None, instances: int, cache_bytes: int | None,
             max_batch_size: int, manifest_sha256: str | None, force: bool, as_json: bool) -> int:

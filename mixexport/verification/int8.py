@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto
 
 from mixexport.bundle import Manifest
+from mixexport.checked_load import read_checked_onnx
 from mixexport.errors import BadInputError, EnvironmentUnavailableError, GateFailedError
 
 #: Nodes that read a weight through its DequantizeLinear and keep activations in float.
@@ -58,8 +59,10 @@ def int8_weights(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def optimized_graph(model: onnx.ModelProto | str | Path, session_options: Mapping[str, Any],
-                    device: str = "cpu") -> onnx.ModelProto:
-    """The graph ONNX Runtime runs for ``model`` under ``session_options`` (weights not loaded)."""
+                    device: str = "cpu", external: Mapping[str, bytes | bytearray] | None = None) -> onnx.ModelProto:
+    """The graph ONNX Runtime runs for ``model`` under ``session_options`` (weights not loaded).
+    ``external``: the external-data files of an in-memory ``model`` by location, handed to ORT
+    from memory (no file is read: the folder ORT would read others from is an empty directory)."""
     import onnxruntime as ort
 
     unknown = sorted(set(session_options) - KNOWN_OPTIONS)
@@ -85,13 +88,22 @@ def optimized_graph(model: onnx.ModelProto | str | Path, session_options: Mappin
         # weights go to a side file that is never read back: the check needs dtypes and edges only
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
+        if external:  # the runtime's session, mixexport.backends.onnxruntime, refused an old ORT already
+            names = list(external)
+            so.add_external_initializers_from_files_in_memory(names, [external[n] for n in names],
+                                                              [len(external[n]) for n in names])
+        if external is not None:
+            empty = os.path.join(tmp, "no-files")
+            os.mkdir(empty)
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
         src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
         ort.InferenceSession(src, so, providers=providers)
         return onnx.load_model(out, load_external_data=False)
 
 
 def survival_report(model: onnx.ModelProto | str | Path, session_options: Mapping[str, Any],
-                    expected: Iterable[str] | None = None, device: str = "cpu") -> dict[str, Any]:
+                    expected: Iterable[str] | None = None, device: str = "cpu",
+                    external: Mapping[str, bytes | bytearray] | None = None) -> dict[str, Any]:
     """Check every int8 weight of ``model`` (or the ``expected`` names) in ORT's optimized graph.
 
     Returns ``{"status": "PASS"|"FAIL", "weights": {name: "ok" | why}, "failures": [...],
@@ -101,7 +113,7 @@ def survival_report(model: onnx.ModelProto | str | Path, session_options: Mappin
     found = int8_weights(src)
     names = list(found) if expected is None else list(expected)
     failures = [f"{n}: not an int8 DequantizeLinear/Gather weight in the model file" for n in names if n not in found]
-    opt = optimized_graph(model, session_options, device)
+    opt = optimized_graph(model, session_options, device, external)
     before = _op_counts(src)
     after = _op_counts(opt)
     rewrites = {op: n for op, n in after.items() if op in REWRITE_OPS and n > before.get(op, 0)}
@@ -141,8 +153,12 @@ def int8_survival(manifest: Manifest, device: str | None = None) -> dict[str, An
     segments, failures = {}, []
     for seg in manifest.segments:
         expected = (listed.get(seg.name) or {}).get("int8_weights") if record else None
-        path = manifest.file(seg.file)
-        found = int8_weights(onnx.load_model(os.fspath(path), load_external_data=False))
+        # the graph from bytes read once and hashed, and ORT's run below on the same bytes
+        # (mixexport.checked_load): nothing swapped after the check changes the verdict
+        checked = read_checked_onnx(manifest.root, manifest.data["files"], seg.file, with_external=False)
+        model = onnx.ModelProto()
+        model.ParseFromString(checked.model)
+        found = int8_weights(model)
         if expected is None and not found:
             continue
         if seg.backend not in ("onnxruntime", "memory"):
@@ -154,7 +170,10 @@ def int8_survival(manifest: Manifest, device: str | None = None) -> dict[str, An
                    "int8_weights": len(expected or found), "failures": missing}
         else:
             options = seg.session_options or OnnxRuntimeBackend(device).session_options()
-            rep = survival_report(path, options, expected, device)
+            checked = read_checked_onnx(manifest.root, manifest.data["files"], seg.file)
+            rep = survival_report(model, options, expected, device,
+                                  external={loc: f.data for loc, f in checked.external.items()})
+            del checked
         segments[seg.name] = rep
         failures += [f"segment {seg.name}: {f}" for f in rep["failures"]]
     if not segments:

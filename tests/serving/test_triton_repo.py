@@ -172,3 +172,175 @@ def test_refusals(ugsep_split: tuple[Path, Path], tmp_path: Path) -> None:
         assert r.code == 1 and seg in r.err and "sha256" in r.err and "Traceback" not in r.err, r.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["changed", "taken"]  # no temp dirs left
     assert not (bundle / "repo").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# the repository as a trust boundary (issue 23): names from the manifest, generated text, --out
+# and --force, write failures. None of these needs a server.
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _rename(bundle: Path, edit) -> None:  # noqa: ANN001 - a callable on the manifest dict
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+ESCAPES = ["../../../X", "../X", "/tmp/X", "a/../../X", "..", "sub/X"]
+
+
+@pytest.mark.parametrize("flavour", ["native", "python"])
+def test_manifest_names_never_become_paths_outside_the_repository(flavour: str, ugsep_split: tuple[Path, Path],
+                                                                  longer_kv: tuple[Path, Path],
+                                                                  tmp_path: Path) -> None:
+    """A segment, tensor or cache name that would climb out of the repository is refused when the
+    manifest is read (exit 2, one line); nothing is written anywhere."""
+    edits = {
+        "segment": lambda m, n: m["segments"][0].__setitem__("name", n),
+        "segment output": lambda m, n: m["segments"][0]["outputs"][0].__setitem__("name", n),
+        "model input": lambda m, n: m["model"]["inputs"][0].__setitem__("name", n),
+        "cache": lambda m, n: m["caches"][0].__setitem__("name", n),
+    }
+    work = tmp_path / "w" / "x" / "y"
+    for place, edit in edits.items():
+        for name in ESCAPES:
+            bundle = work / "bundle"
+            shutil.rmtree(bundle, ignore_errors=True)
+            shutil.copytree((longer_kv if place == "cache" else ugsep_split)[1], bundle)
+            _rename(bundle, lambda m: edit(m, name))
+            r = run_cli("triton", str(bundle), "--out", str(work / "repo"), "--flavour", flavour)
+            assert r.code == 2 and "breaks the name rule" in r.err and "Traceback" not in r.err, (place, name, r.err)
+            assert sorted(p.name for p in work.iterdir()) == ["bundle"], (place, name)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.name != "bundle"
+                  and "bundle" not in p.parts) == ["w", "w/x", "w/x/y"]
+    assert not Path("/tmp/X").exists()
+
+
+def test_built_paths_stay_inside_their_root(tmp_path: Path) -> None:
+    """The second line behind the name rule: every path the writer builds is resolved and refused
+    if it leaves the repository (a name, or a link planted inside)."""
+    from mixexport.errors import IntegrityError
+    from mixexport.serving.triton import _child
+
+    repo = tmp_path / "repo"
+    (repo / "ok").mkdir(parents=True)
+    assert _child(repo, "ok", "1", "model.onnx") == repo / "ok" / "1" / "model.onnx"
+    (repo / "planted").symlink_to(tmp_path)
+    for parts in (("..", "X"), ("ok", "..", "..", "X"), ("/etc", "passwd"), ("planted", "X"), (".",)):
+        with pytest.raises(IntegrityError, match="resolves outside"):
+            _child(repo, *parts)
+
+
+INJECTIONS = [
+    'x" } parameters { key: "EXECUTION_ENV_PATH" value { string_value: "/tmp/env.tar.gz" } } input { name: "y',
+    'x\\" }', 'a\nparameters {\n key: "EXECUTION_ENV_PATH"\n}\n', "é\u2028\x00\x7f\"'\\", "}" * 3 + "{",
+]
+
+
+@pytest.mark.parametrize("text", INJECTIONS, ids=range(len(INJECTIONS)))
+def test_config_text_keeps_every_string_inside_its_value(text: str) -> None:
+    """The config serializer on strings the name rule would refuse (it is the last line, so it is
+    tested without the rule): Triton's own parser reads back exactly one input whose name is the
+    string, one model name, no parameters, and a comment cannot end early."""
+    from mixexport.serving.triton import _config, _parameter, _tensor
+
+    cfg_text = _config(text, [("backend", "python"), ("max_batch_size", 0)], [_tensor(text, "float32", ("b", 3))],
+                       [_tensor("out", "float32", ("b",))], header=[text, f"# {text}"],
+                       tail=[_parameter("manifest_sha256", text)])
+    require_triton(server=False)
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    cfg = text_format.Parse(cfg_text, model_config_pb2.ModelConfig())
+    assert cfg.name == text and [i.name for i in cfg.input] == [text] and list(cfg.input[0].dims) == [-1, 3]
+    assert dict((k, v.string_value) for k, v in cfg.parameters.items()) == {"manifest_sha256": text}
+    assert [o.name for o in cfg.output] == ["out"] and not cfg.HasField("optimization")
+
+
+def test_hostile_names_through_the_cli(ugsep_split: tuple[Path, Path], tmp_path: Path) -> None:
+    """An input name with a quote (the config injection) is refused at read; so is a --name that
+    is not a safe name; the python flavour's model.py is the package's file byte for byte (no
+    manifest name is written into code)."""
+    from mixexport.serving.triton import MODEL_FILE
+
+    _, src = ugsep_split
+    bundle = tmp_path / "bundle"
+    shutil.copytree(src, bundle)
+    _rename(bundle, lambda m: m["model"]["inputs"][0].__setitem__("name", INJECTIONS[0]))
+    for flavour in ("python", "native"):
+        r = run_cli("triton", str(bundle), "--out", str(tmp_path / "repo"), "--flavour", flavour)
+        assert r.code == 2 and "model.inputs[0].name" in r.err and "breaks the name rule" in r.err, r.err
+    for name in ('x"y', "../x", "a/b", ".x", "-x", "a" * 65, "a b", "é"):
+        r = run_cli("triton", str(src), "--out", str(tmp_path / "repo"), "--name", name)
+        assert r.code == 2 and "is not a valid Triton model name" in r.err and "Traceback" not in r.err, (name, r.err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    r = run_cli("triton", str(src), "--out", str(tmp_path / "repo"))
+    assert r.code == 0, r.err
+    assert (tmp_path / "repo" / src.name / "1" / "model.py").read_bytes() == MODEL_FILE.read_bytes()
+
+
+def test_force_never_deletes_the_bundle_or_a_directory_mixexport_did_not_write(ugsep_split: tuple[Path, Path],
+                                                                                tmp_path: Path) -> None:
+    """--out that is, contains or lies inside the bundle: exit 2 with or without --force, the bundle
+    intact. --force replaces a repository mixexport wrote or an empty directory, never another
+    directory, a bundle, or a link."""
+    _, src = ugsep_split
+    work = tmp_path / "W"
+    bundle = work / "B"
+    shutil.copytree(src, bundle)
+    (tmp_path / "link").symlink_to(work)
+    before = _tree(work)
+    for out in (work, bundle, bundle / "repo", bundle / "segments", tmp_path / "link", work / "B" / ".." / ".."
+                / "W", tmp_path / "link" / "B"):
+        for force in ([], ["--force"]):
+            r = run_cli("triton", str(bundle), "--out", str(out), *force)
+            assert r.code == 2 and "which this command reads" in r.err and "Traceback" not in r.err, (out, r.err)
+    assert _tree(work) == before
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert run_cli("triton", str(bundle), "--out", str(repo), "--force").code == 0  # empty: taken
+    assert run_cli("triton", str(bundle), "--out", str(repo), "--force", "--flavour", "native").code == 0  # marked
+    assert (repo / ".mixexport-output").is_file() and (repo / "B_item" / "config.pbtxt").is_file()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    other = tmp_path / "other-bundle"
+    shutil.copytree(src, other)  # marked, but as a bundle
+    for out, message in ((mine, "was not written by mixexport"), (other, "is a bundle written by mixexport")):
+        kept = _tree(out)
+        r = run_cli("triton", str(bundle), "--out", str(out), "--force")
+        assert r.code == 2 and message in r.err and "Traceback" not in r.err, r.err
+        assert _tree(out) == kept
+    assert run_cli("verify", str(bundle), "--no-metrics").code == 0
+
+
+def test_read_only_and_full_disk(ugsep_split: tuple[Path, Path], tmp_path: Path) -> None:
+    """A read-only mount: exit 2; a full disk (a real small tmpfs, at the first copy or at a later
+    file): exit 3; one line each, nothing left behind, and a repository that --force would have
+    replaced is still there, whole."""
+    from tests.mounts import leftovers, tmpfs
+
+    _, bundle = ugsep_split
+    with tmpfs(tmp_path / "ro", 512, read_only=True) as mnt:
+        for out in (mnt / "repo", mnt / "a" / "b" / "repo"):
+            r = run_cli("triton", str(bundle), "--out", str(out))
+            assert r.code == 2 and "Read-only file system" in r.err and "Traceback" not in r.err, r.err
+        assert leftovers(mnt) == []
+    size = sum(len(b) for b in _tree(bundle).values()) // 1024
+    for flavour, free in (("native", 64), ("python", 64), ("python", size + 8)):
+        with tmpfs(tmp_path / "disk", size + 256, free_kib=free) as mnt:
+            r = run_cli("triton", str(bundle), "--out", str(mnt / "repo"), "--flavour", flavour)
+            assert r.code == 3 and "no space left writing" in r.err and "Traceback" not in r.err, (flavour, r.err)
+            assert len(r.err.splitlines()) == 2
+            assert leftovers(mnt) == []
+    with tmpfs(tmp_path / "disk", 2 * size + 256) as mnt:
+        assert run_cli("triton", str(bundle), "--out", str(mnt / "repo")).code == 0
+        kept = _tree(mnt / "repo")
+        with open(mnt / "filler", "wb") as f:
+            f.write(b"\0" * ((size - 64) * 1024))
+        r = run_cli("triton", str(bundle), "--out", str(mnt / "repo"), "--force")
+        assert r.code == 3 and "no space left" in r.err, r.err
+        assert leftovers(mnt) == ["repo"] and _tree(mnt / "repo") == kept

@@ -1,0 +1,1 @@
+"""Test tooling shipped with the package (not product code): fuzzers and their payloads."""
