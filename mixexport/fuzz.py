@@ -34,6 +34,10 @@ from mixexport.fuzz_configs import SAMPLERS, Chooser
 
 SPLIT, KV, PACK, QUANT = "split-user-item", "extract-kv-cache", "pack-moe-experts", "quantize-w8a16"
 INT8 = "quantize-int8"  # what --precision int8 adds
+#: Every case also draws where its embedding tables live: in the graph, or out of it
+#: (externalize-embeddings with every table that can go, served by the local table store).
+EXT, TABLES = "externalize-embeddings", ("in-graph", "external")
+EXT_OPTIONS = ("externalize-embeddings.min_bytes=0",)
 #: Every applicable pass combination per family (pipeline order): none, each program pass, and
 #: quantize-w8a16 alone and after it. tokenmixer-large's combinations with pack-moe-experts force
 #: ``moe=True``; the others draw ``moe`` too (dense tokenmixer-large: [] and [quantize]). mixformer's
@@ -88,6 +92,11 @@ class Case:
     user_index: str                # one of USER_INDEX_MODES
     seq_len: int | None = None     # request sequence length (dynamic-sequence families only)
     choices: dict[str, int] = field(default_factory=dict)
+    tables: str = "in-graph"       # one of TABLES: "external" adds externalize-embeddings to the build
+
+    @property
+    def build_passes(self) -> tuple[str, ...]:
+        return self.passes + ((EXT,) if self.tables == "external" else ())
 
     @property
     def label(self) -> str:
@@ -114,8 +123,9 @@ def make_case(family: str, passes: tuple[str, ...], choose: Chooser, seed: int) 
     users = choose("users", (1, 2, 3, 5))
     candidates = choose("candidates", (1, 7, 2, 16, 33, 64))
     mode = choose("user_index", USER_INDEX_MODES)
+    tables = choose("tables", TABLES)  # drawn last: the earlier choices of a recorded case are unchanged
     return Case(family, tuple(passes), seed, config_to_dict(config), users, candidates, mode, seq_len,
-                dict(choose.choices))
+                dict(choose.choices), tables)
 
 
 def replay(case: Case, forced: Mapping[str, int] | None = None) -> Case:
@@ -202,12 +212,14 @@ def score(case: Case, bundle: Path, checkpoint: Path) -> dict[str, Any]:
 
 
 #: ``run_case(engines=…)`` → the build target that makes those engines
-ENGINE_TARGETS = {"tensorrt-rtx": "trt-rtx", "tensorrt": "trt"}
+ENGINE_TARGETS = {"tensorrt-rtx": "trt-rtx", "tensorrt": "trt", "openvino": "openvino"}
+#: engines built and run on the CPU (the others are GPU engines, built with --device cuda)
+CPU_ENGINES = ("openvino",)
 
 
 def run_case(case: Case, workdir: str | Path, keep: bool = False, engines: str | None = None) -> dict[str, Any]:
     """Checkpoint → build (verify included) → score the case's request. With ``engines``
-    (``tensorrt-rtx``: no GPU needed) the build targets that TensorRT backend, as a user's would:
+    (``tensorrt-rtx``: no GPU needed; ``openvino``: CPU) the build targets that backend, as a user's would:
     its engines are built, and where they cannot run the ONNX segments are verified and scored.
     ``quantize-int8`` cases build for ONNX Runtime CPU whatever ``engines`` says (int8 compute is
     a CPU target; the result says so under ``engines_skipped``).
@@ -227,9 +239,10 @@ def run_case(case: Case, workdir: str | Path, keep: bool = False, engines: str |
         if engines and INT8 in case.passes:
             result["engines_skipped"] = "quantize-int8 builds integer GEMMs for ONNX Runtime CPU only"
             engines = None
-        target = {"target": ENGINE_TARGETS[engines], "device": "cuda"} if engines else {}
-        built = build(ckpt, BuildOptions(out=out, passes=case.passes, bench=False, metrics=False, force=True,
-                                         **target))
+        target = ({"target": ENGINE_TARGETS[engines], "device": "cpu" if engines in CPU_ENGINES else "cuda"}
+                  if engines else {})
+        built = build(ckpt, BuildOptions(out=out, passes=case.build_passes, bench=False, metrics=False, force=True,
+                                         pass_options=EXT_OPTIONS if EXT in case.build_passes else (), **target))
         result["verify_max_rel"] = built.parity["max_rel"]
         if engines:
             result["engines"] = {s["name"]: {"bytes": s["engine_build"]["bytes"], "seconds": s["engine_build"]["seconds"],
@@ -321,5 +334,7 @@ def describe(case: Case) -> str:
     """One line: the case's passes, request shape and config (schema inlined)."""
     cfg = json.dumps(case.config, separators=(",", ":"))
     seq = f", seq_len {case.seq_len}" if case.seq_len is not None else ""
-    return f"{case.label} U={case.users} N={case.candidates} ({case.user_index}{seq}) seed={case.seed} config={cfg}"
+    tables = ", tables external" if case.tables == "external" else ""
+    return (f"{case.label} U={case.users} N={case.candidates} ({case.user_index}{seq}{tables}) seed={case.seed} "
+            f"config={cfg}")
 

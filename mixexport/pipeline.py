@@ -35,7 +35,7 @@ from mixexport.verification.latency import DEFAULT_CANDIDATES
 log = logging.getLogger(__name__)
 
 #: --target → the backend that runs the bundle's segments.
-TARGETS = {"onnx": "onnxruntime", "aoti": "aoti", "trt": "tensorrt", "trt-rtx": "tensorrt-rtx"}
+TARGETS = {"onnx": "onnxruntime", "aoti": "aoti", "trt": "tensorrt", "trt-rtx": "tensorrt-rtx", "openvino": "openvino"}
 SAMPLE_USERS, SAMPLE_CANDIDATES = 2, 16
 Progress = Callable[[str], None]
 
@@ -154,9 +154,11 @@ def stage_runtime(bundle: Bundle, trace: dict[str, dict[str, np.ndarray]] | None
         else:
             sessions[seg.name] = open_in_memory(OnnxRuntimeBackend(), seg.onnx)
         entries.append(SegmentEntry(seg.name, seg.role, "", "memory", seg.inputs, seg.outputs))
+    from mixexport.tables.stores.memory import memory_lookups
+
     rt = Runtime(bundle.source.inputs, bundle.source.outputs, tuple(entries), sessions,
                  caches=[c.to_json() for c in bundle.caches], multiples=bundle.source.multiples,
-                 minimums=bundle.source.minimums)
+                 minimums=bundle.source.minimums, tables=memory_lookups(bundle.tables))
     rt.trace = trace
     return rt
 
@@ -293,11 +295,13 @@ def _load(checkpoint: str | Path, options: BuildOptions, say: Progress) -> _Plan
                           settings={"shapes": options.shapes, "version_compatible": options.version_compatible,
                                     "arch": options.arch})
     _check_precision_target(options)
-    check_out_dir(Path(options.out), options.force)
+    if hasattr(backend, "for_precision"):  # OpenVINO: the precision is a compile hint (bf16 refused without bf16 GEMMs)
+        backend = backend.for_precision(options.precision)
+    check_out_dir(Path(options.out), options.force, {"checkpoint": checkpoint, "--data": options.data})
     check_specs(options.pass_options)  # a misspelled --option fails before the model loads
     say("loading model")
     source = load_source(checkpoint, options.roles)
-    passes = select_passes(source, _with_precision_pass(source, options))
+    passes = select_passes(source, _with_precision_pass(source, options, hasattr(backend, "for_precision")))
     if options.dump_after not in (None, "export", *(p.name for p in passes)):
         raise BadInputError(f"--dump-after {options.dump_after!r}: not a pass of this build",
                             f"choose one of {['export', *(p.name for p in passes)]}")
@@ -312,14 +316,17 @@ def _load(checkpoint: str | Path, options: BuildOptions, say: Progress) -> _Plan
     return _Plan(options, say, backend, source, passes, pass_options, request, expected)
 
 
-def _with_precision_pass(source: Source, options: BuildOptions) -> tuple[str, ...]:
-    """The passes asked for (or the family's defaults), plus ``quantize-int8`` for ``--precision int8``."""
+def _with_precision_pass(source: Source, options: BuildOptions, by_engine: bool = False) -> tuple[str, ...]:
+    """The passes asked for (or the family's defaults), plus ``quantize-int8`` for ``--precision int8``
+    (not when the backend quantizes itself, ``by_engine``: OpenVINO)."""
     names = tuple(source.default_passes if options.passes is None else options.passes)
-    extra = PASS_PRECISIONS.get(options.precision)
+    extra = None if by_engine else PASS_PRECISIONS.get(options.precision)
     return names + (extra,) if extra and extra not in names else names
 
 
 def _check_precision_target(options: BuildOptions) -> None:
+    if options.target == "openvino":  # its backend's for_precision says which precisions it compiles
+        return
     if options.precision in PASS_PRECISIONS and (options.target != "onnx" or options.device != "cpu"):
         raise BadInputError(f"--precision {options.precision} builds integer GEMMs for ONNX Runtime on CPU; "
                             f"found --target {options.target} --device {options.device}",
@@ -332,7 +339,8 @@ def _export(plan: _Plan) -> Bundle:
     from mixexport.precision import cast_bundle
 
     plan.say("torch.export (dynamic batch)")
-    bundle = cast_bundle(initial_bundle(plan.source), plan.options.precision)
+    bundle = cast_bundle(initial_bundle(plan.source), plan.options.precision,
+                         by_hint=hasattr(plan.backend, "for_precision"))
     plan.record("torch.export", bundle)
     return bundle
 
@@ -368,6 +376,7 @@ def _write_segments(plan: _Plan, bundle: Bundle, writer: BundleWriter) -> dict[s
     the manifest (the files' sha256 are added at commit)."""
     options, backend, source = plan.options, plan.backend, plan.source
     plan.say("writing bundle")
+    tables = _write_tables(plan, bundle, writer)
     seg_json = []
     for seg in bundle.segments:
         files = save_onnx(seg.onnx, writer.path(f"segments/{seg.name}.onnx"), options.external_threshold)
@@ -375,7 +384,13 @@ def _write_segments(plan: _Plan, bundle: Bundle, writer: BundleWriter) -> dict[s
                          "data_files": [f"segments/{f.name}" for f in files[1:]],
                          "backend": backend.name, "engines": {},
                          "session_options": backend.session_options(),
-                         "ops": op_histogram(seg.onnx), "weight_bytes": weight_bytes(seg.onnx)})
+                         "ops": op_histogram(seg.onnx), "weight_bytes": weight_bytes(seg.onnx),
+                         **({"tables_version": tables["version"]} if tables else {})})
+    if getattr(backend, "needs_calibration", False):  # OpenVINO int8: ranges from the float segments' feeds
+        from mixexport.backends.openvino_int8 import calibration_feeds
+
+        plan.say("int8: recording calibration feeds of every segment")
+        backend.calibration = calibration_feeds(bundle, stage_runtime)
     engines = backend.compile(bundle, writer, plan.say)
     for entry in seg_json:
         entry["engines"] = engines.get(entry["name"], {})
@@ -396,9 +411,22 @@ def _write_segments(plan: _Plan, bundle: Bundle, writer: BundleWriter) -> dict[s
         "segments": seg_json, "caches": [c.to_json() for c in bundle.caches],
         "passes": [dataclasses.asdict(p) for p in bundle.passes],
         "notes": list(source.notes), "files": {},
+        **({"tables": tables["tables"]} if tables else {}),
     }
     writer.write_json("manifest.json", manifest)
     return manifest
+
+
+def _write_tables(plan: _Plan, bundle: Bundle, writer: BundleWriter) -> dict[str, Any] | None:
+    """externalize-embeddings: the tables' part files (streamed) and their manifest entries."""
+    if not bundle.tables:
+        return None
+    from mixexport.tables.layout import tables_version
+    from mixexport.tables.writer import write_tables
+
+    plan.say(f"writing {len(bundle.tables)} tables")
+    entries = write_tables(bundle.tables, writer.tmp)
+    return {"tables": [e.to_json() for e in entries], "version": tables_version(entries)}
 
 
 def _verify(plan: _Plan, writer: BundleWriter) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import numpy as np
 
 from mixexport.backends.base import Session
 from mixexport.bundle import Manifest, SegmentEntry, read_manifest
+from mixexport.checked_load import open_sessions, read_segments
 from mixexport.errors import BadInputError, IntegrityError
 from mixexport.source import Source
 from mixexport.specs import Request, TensorSpec, check_feeds
@@ -89,8 +90,10 @@ class Runtime:
                  segments: tuple[SegmentEntry, ...], sessions: Mapping[str, Session],
                  cache_bytes: int = DEFAULT_CACHE_BYTES, name: str = "bundle",
                  caches: list[dict[str, Any]] | tuple[dict[str, Any], ...] = (),
-                 multiples: Mapping[str, Any] | None = None, minimums: Mapping[str, int] | None = None) -> None:
+                 multiples: Mapping[str, Any] | None = None, minimums: Mapping[str, int] | None = None,
+                 tables: Any = None) -> None:
         self.inputs = inputs
+        self.tables = tables  # externalized embedding tables (mixexport.tables): ids → rows inputs
         self.outputs = outputs
         self.segments = segments
         self.sessions = dict(sessions)
@@ -122,14 +125,16 @@ class Runtime:
         """Load every segment of a bundle directory with ``backend`` (default: the manifest's).
 
         Before any session is created, every file a backend is about to load (ONNX files and their
-        external data, AOTI packages, TensorRT plans) is checked against its sha256 in the manifest,
-        and a missing, unlisted or changed one is refused with an :class:`IntegrityError` naming it.
-        ``verify_files=False`` skips the hashing, for callers that checked the files already (e.g.
-        after ``check_integrity``); the path rule (nothing outside the bundle) always applies.
+        external data, AOTI packages, TensorRT plans) is read once and checked against its sha256 in
+        the manifest, and a missing, unlisted or changed one is refused with an :class:`IntegrityError`
+        naming it; the sessions are then created from exactly those bytes, never from the paths
+        (:mod:`mixexport.checked_load`). ``verify_files=False`` skips the hashing, for callers that
+        checked the files already (e.g. after ``check_integrity``; a file swapped since is then
+        loaded); the path rule (nothing outside the bundle) always applies.
         ``manifest_sha256`` pins the manifest itself: the file checks only mean something for a
-        manifest you trust. Cost (rankmixer base, one 106 MB ONNX file, benchmarks/open_cost.py):
-        166 ms with no file check, 240 ms with the path checks (the external-data scan reads the
-        file), 278 ms with hashing too.
+        manifest you trust. Cost: ``benchmarks/open_cost.py`` (docs/security.md gives the numbers:
+        reading and hashing the bytes once and handing them over costs more than hashing the paths
+        and letting ONNX Runtime reopen them).
         """
         from mixexport.backends import get_backend
 
@@ -138,12 +143,16 @@ class Runtime:
             raise IntegrityError(f"{manifest.root / 'manifest.json'} has sha256 {manifest.sha256}, not the pinned "
                                  f"{manifest_sha256.strip()[:64]}", "fetch the bundle again")
         backends = {seg.name: get_backend(backend or seg.backend, device) for seg in manifest.segments}
-        # every check before the first session: nothing unverified is loaded
-        manifest.check_loadable([(seg, backends[seg.name].name) for seg in manifest.segments], hashes=verify_files)
-        sessions = {seg.name: backends[seg.name].prepare(manifest, seg) for seg in manifest.segments}
+        # every file read once and checked before the first session, which gets those bytes
+        checked = read_segments(manifest, backends, hashes=verify_files)
+        from mixexport.tables.stores.local import open_tables
+
+        tables = open_tables(manifest, verify_files)  # part files checked like the segments' files
+        sessions = open_sessions(manifest, backends, checked)
         return cls(manifest.inputs, manifest.outputs, manifest.segments, sessions, cache_bytes,
                    name=backend or manifest.segments[0].backend, caches=manifest.data.get("caches", []),
-                   multiples=manifest.data["model"].get("multiples"), minimums=manifest.data["model"].get("minimums"))
+                   multiples=manifest.data["model"].get("multiples"), minimums=manifest.data["model"].get("minimums"),
+                   tables=tables)
 
     @classmethod
     def reference(cls, source: Source) -> Runtime:
@@ -164,6 +173,8 @@ class Runtime:
         self.sessions.clear()
         self.cache.clear()
         self.kv.clear()
+        if self.tables is not None:
+            self.tables.close()
         self.closed = True
 
     def __enter__(self) -> Runtime:
@@ -208,8 +219,11 @@ class Runtime:
         """Outputs by name, one row per candidate."""
         if validate:
             self.check(request)
+        if self.tables is not None:  # the store adds the looked-up rows; nothing is scored if an id is unknown
+            request = self.tables.expand(request)
         if self.segments[0].role == "full":
-            return self._run(self.segments[0], request.rows())
+            rows = request.rows()
+            return self._run(self.segments[0], {s.name: rows[s.name] for s in self.segments[0].inputs})
         return self._score_split(request)
 
     def _run(self, seg: SegmentEntry, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -308,7 +322,8 @@ class Runtime:
                 old: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray],
                 axes: Mapping[str, int]) -> dict[str, np.ndarray] | None:
         seq_name, k = spec["input"], int(spec["items_per_position"])
-        if any(not np.array_equal(old[n], new[n]) for n in old if n != seq_name):
+        along = {seq_name, *spec.get("along", ())}  # the sequence's looked-up rows slide with its ids
+        if any(not np.array_equal(old[n], new[n]) for n in old if n not in along):
             return None
         old_seq, new_seq = old[seq_name][0], new[seq_name][0]
         s_old, s_new = len(old_seq), len(new_seq)
@@ -327,7 +342,7 @@ class Runtime:
                     ctx = -(-(need - m) // k) * k
                 if ctx > keep:
                     return None  # the window reaches back past what is kept: a rebuild
-                fresh = self._run(seg, {n: (new[n][:, keep - ctx:] if n == seq_name else new[n]) for n in new})
+                fresh = self._run(seg, {n: (new[n][:, keep - ctx:] if n in along else new[n]) for n in new})
                 drop = (s_old - keep) // k
                 seq_axes = spec["seq_axis"]
                 return {t: fresh[t] if t in windows else

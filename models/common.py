@@ -206,7 +206,8 @@ class FeatureEmbedding(nn.Module):
 
 
 def _offsets(vocab: tuple[int, ...]) -> torch.Tensor:
-    return torch.tensor(np.concatenate([[0], np.cumsum(vocab)[:-1]]), dtype=torch.int64)
+    # device given: a model built on the meta device (a large checkpoint's) still has its offsets
+    return torch.tensor(np.concatenate([[0], np.cumsum(vocab)[:-1]]), dtype=torch.int64, device="cpu")
 
 
 class Towers(nn.Module):

@@ -143,10 +143,43 @@ class QuantizeInt8Options:
                                 "e.g. --option quantize-int8.skip='*router*,head.*'")
 
 
+#: storage dtypes of externalized table rows (see mixexport.tables.layout.DTYPES)
+TABLE_DTYPES = ("float32", "float16", "int8")
+
+
+@dataclass(frozen=True)
+class ExternalizeEmbeddingsOptions:
+    """Options of ``externalize-embeddings`` (docs/tables.md).
+
+    min_bytes: tables of at least this many bytes go out (default 64 MiB), unless ``tables`` names them.
+    tables: table names (``embed_item_table``) or parameter names (``embed.item_table.weight``) to take
+        out, instead of the size threshold; a named table the pass must refuse is an error.
+    dtype: how rows are stored: ``float32`` (exact), ``float16``, or ``int8`` with one float32 scale
+        per row; the graph always receives float rows.
+    partitions: part files per table; 0 (default) derives it from the stored size (one per 256 MiB).
+    """
+
+    min_bytes: int = 64 * 1024**2
+    tables: tuple[str, ...] = ()
+    dtype: str = "float32"
+    partitions: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of("externalize-embeddings", "dtype", "dtype", self.dtype, TABLE_DTYPES)
+        _at_least_zero("externalize-embeddings", "min_bytes", self.min_bytes)
+        if not (isinstance(self.partitions, int) and 0 <= self.partitions <= 1024):
+            raise BadInputError(f"externalize-embeddings: partitions must be an integer in [0, 1024], found "
+                                f"{self.partitions!r}", "e.g. --option externalize-embeddings.partitions=8 (0: derived)")
+        if isinstance(self.tables, str) or not all(isinstance(t, str) for t in self.tables):
+            raise BadInputError(f"externalize-embeddings: tables must be a tuple of names, found {self.tables!r}",
+                                "e.g. --option externalize-embeddings.tables=embed_item_table,embed_seq_table")
+
+
 #: The CLI's pass names → their options (the same classes as the pass table's ``PassInfo.options``).
 BY_PASS: dict[str, type] = {"pack-moe-experts": PackMoeExpertsOptions, "split-user-item": SplitUserItemOptions,
                             "extract-kv-cache": ExtractKvCacheOptions, "quantize-w8a16": QuantizeW8A16Options,
-                            "quantize-int8": QuantizeInt8Options}
+                            "quantize-int8": QuantizeInt8Options,
+                            "externalize-embeddings": ExternalizeEmbeddingsOptions}
 
 
 def split_specs(specs: tuple[str, ...] | list[str]) -> dict[str, dict[str, str]]:

@@ -19,10 +19,24 @@ def inspect_source(path: str) -> dict[str, Any]:
     source = load_source(path)
     applicable = preconditions(source)
     return {"kind": source.kind, "path": str(source.path), "sha256": source.sha256, "family": source.family,
-            "config": source.config, "params": source.params, "metadata": source.metadata,
+            "tables": _table_plan(source), "config": source.config, "params": source.params, "metadata": source.metadata,
             "inputs": [s.to_json() for s in source.inputs], "outputs": [s.to_json() for s in source.outputs],
             "default_passes": list(source.default_passes), "passes": applicable, "notes": list(source.notes),
             "onnxruntime": ort_build()}
+
+
+def _table_plan(source: Any) -> dict[str, Any] | None:
+    """What externalize-embeddings would take out at its default threshold (docs/tables.md)."""
+    from mixexport.errors import PreconditionError
+    from mixexport.passes.externalize_embeddings import plan, requires
+    from mixexport.pipeline import initial_bundle
+
+    bundle = initial_bundle(source)
+    try:
+        requires(bundle)
+    except PreconditionError:
+        return None
+    return plan(bundle)
 
 
 def inspect_bundle(path: str) -> dict[str, Any]:
@@ -56,6 +70,9 @@ def command(path: str, as_json: bool) -> int:
                 click.echo(f"    in  {describe(TensorSpec.from_json(s))}")
             for s in seg["outputs"]:
                 click.echo(f"    out {describe(TensorSpec.from_json(s))}")
+        for t in info.get("tables") or []:  # externalize-embeddings: served by the local table store
+            click.echo(f"  table {t['name']} [{t['rows']:,} x {t['dim']}] {t['dtype']}, {t['partitions']} parts, "
+                       f"for {', '.join(u['rows_input']['name'] for u in t['inputs'])}")
         click.echo(f"  passes: {', '.join(p['name'] for p in info['passes']) or 'none'}; "
                    f"{len(info['files'])} files with sha256")
         click.echo(f"  manifest sha256: {info['manifest_sha256']} (pin it: verify --manifest-sha256, "
@@ -69,6 +86,14 @@ def command(path: str, as_json: bool) -> int:
     click.echo(f"  default passes: {', '.join(info['default_passes']) or 'none'}")
     for name, why in info["passes"].items():
         click.echo(f"  {name}: {'applies' if why is None else 'does not apply: ' + why}")
+    tables = info.get("tables")
+    for t in (tables or {}).get("tables", []):
+        click.echo(f"  table {t['name']} [{t['rows']:,} x {t['dim']}]: {t['bytes']:,} bytes, "
+                   + ("goes out with externalize-embeddings" if t["out"] else f"stays in the graph: {t['why_not']}"))
+    if tables:
+        click.echo(f"  with externalize-embeddings (min_bytes {tables['min_bytes']:,}): "
+                   f"{tables['dense_bytes_after']:,} bytes of weights in the segments, "
+                   f"{tables['table_file_bytes']:,} in table part files")
     for note in info["notes"]:
         click.echo(f"  note: {note}")
     click.echo(f"  runs here with {describe_ort_build(info['onnxruntime'])}")

@@ -49,6 +49,11 @@ def _int8_changed(before: Bundle, result: PassResult) -> None:
     assert before.precision == "fp32" and result.bundle.precision == "int8"
 
 
+def _externalize_changed(before: Bundle, result: PassResult) -> None:
+    assert before.tables == () and len(result.bundle.tables) == 3
+    assert any(s.name.endswith("__embed_item_table") for s in result.bundle.segments[0].inputs)
+
+
 #: pass name → (input bundle, options as keyword arguments, what the result must show)
 INPUTS: dict[str, tuple[Callable[[Path], Bundle], dict[str, Any], Callable[[Bundle, PassResult], None]]] = {
     "pack-moe-experts": (lambda tmp: _program_bundle(tmp, "rankmixer-moe"), {}, _pack_changed),
@@ -57,6 +62,7 @@ INPUTS: dict[str, tuple[Callable[[Path], Bundle], dict[str, Any], Callable[[Bund
     "quantize-w8a16": (lambda tmp: _onnx_bundle(tmp, "rankmixer"),
                        {"granularity": "per-tensor", "embeddings": "per-row"}, _quantize_changed),
     "quantize-int8": (lambda tmp: _onnx_bundle(tmp, "rankmixer"), {"activations": "per-tensor"}, _int8_changed),
+    "externalize-embeddings": (lambda tmp: _program_bundle(tmp, "rankmixer"), {"min_bytes": 0}, _externalize_changed),
 }
 
 
