@@ -1,0 +1,77 @@
+"""The ray engine (Ray Data actors, local Ray with 2 CPUs): the same report bytes as the local engine,
+the same scores, and an actor that dies is one line, with no report written."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from mixexport.errors import EnvironmentUnavailableError
+from mixexport.scale.ray import sizes
+from mixexport.scale.run import dumps, score_dataset, verify_dataset
+
+pytestmark = pytest.mark.xdist_group("ray")
+
+
+def test_actor_sizes_always_leave_a_cpu_for_the_reads() -> None:
+    for cpus in (1.0, 2.0, 3.0, 16.0):
+        for workers in (1, 2, 3, 8, 64):
+            actor, read = sizes(cpus, workers)
+            assert read == 1.0 and actor * workers <= cpus - 1.0 + 1e-9 and actor <= 1.0
+
+
+def test_ray_report_is_the_local_report(ray_local, split_bundle: Path, eval_rows: dict[str, Path],
+                                        local_report: str) -> None:
+    remote, facts = verify_dataset(split_bundle, str(eval_rows["three"]), engine="ray", workers=2, batch_rows=200)
+    assert facts["engine"] == "ray" and facts["actor_cpus"] == 0.5
+    assert dumps(remote) == local_report
+
+
+def test_ray_scores_are_the_local_scores(ray_local, split_bundle: Path, eval_rows: dict[str, Path],
+                                         tmp_path: Path) -> None:
+    score_dataset(split_bundle, str(eval_rows["three"]), tmp_path / "local")
+    score_dataset(split_bundle, str(eval_rows["three"]), tmp_path / "ray", engine="ray", workers=2, batch_rows=111)
+    for p in sorted((tmp_path / "local").glob("*.parquet")):
+        assert pq.read_table(tmp_path / "ray" / p.name).equals(pq.read_table(p))
+
+
+def _actors() -> dict[int, psutil.Process]:
+    """The scoring actors of this test session's Ray (its raylet is our child), by PID."""
+    found = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "_ScaleActor" in " ".join(p.cmdline()):
+                found[p.pid] = p
+        except psutil.Error:
+            continue
+    return found
+
+
+def _kill_first_actor(stop: threading.Event, killed: list[int], before: set[int]) -> None:
+    """Kill (by PID) the first scoring actor started after ``before`` was taken (earlier tests' idle
+    actors may still be there)."""
+    while not stop.is_set():
+        for pid, proc in _actors().items():
+            if pid not in before:
+                proc.kill()
+                killed.append(proc.pid)
+                return
+        time.sleep(0.05)
+
+
+def test_a_dead_actor_is_one_line_and_no_report(ray_local, split_bundle: Path, eval_rows: dict[str, Path]) -> None:
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_first_actor, args=(stop, killed, set(_actors())))
+    killer.start()
+    try:
+        with pytest.raises(EnvironmentUnavailableError, match="a Ray actor died") as err:
+            verify_dataset(split_bundle, str(eval_rows["three"]), engine="ray", workers=1, batch_rows=20)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed and "\n" not in err.value.message
