@@ -132,13 +132,19 @@ def _cast_back(graph: Any, arg: Any, dtype: Any) -> Any:
     return arg
 
 
-def cast_bundle(bundle: Bundle, precision: str) -> Bundle:
+def cast_bundle(bundle: Bundle, precision: str, by_hint: bool = False) -> Bundle:
     """The program-stage bundle with every segment's program cast to ``precision``.
 
     Runs before any pass (the bundle must be at the program stage). ``fp32`` returns the bundle as
     it is, and so does ``int8`` (its pass, ``quantize-int8``, quantizes the float32 ONNX). Example
-    inputs for the re-export come from the source (valid ids, batch 5).
+    inputs for the re-export come from the source (valid ids, batch 5). ``by_hint``: the target
+    compiles the float32 graph at ``precision`` itself (OpenVINO: ``INFERENCE_PRECISION_HINT`` for
+    bf16, NNCF quantization for int8), so the program stays float32, no pass is added, and only the
+    bundle's precision (its tolerances and gates) is set.
     """
+    if by_hint:  # fp32 too: the bundle's precision is what the target compiles at
+        torch_dtype(precision)
+        return bundle.replace(precision=precision)
     if precision in ("fp32", *PASS_PRECISIONS):
         return bundle
     torch_dtype(precision)  # unknown names fail before any work

@@ -7,11 +7,12 @@ from typing import Any, Mapping
 
 from mixexport.backends.aoti import AotiBackend
 from mixexport.backends.onnxruntime import OnnxRuntimeBackend
+from mixexport.backends.openvino import OpenVinoBackend
 from mixexport.backends.tensorrt import TensorRTBackend, TensorRTRtxBackend
 from mixexport.errors import BadInputError, EnvironmentUnavailableError
 
 BACKENDS = {"onnxruntime": OnnxRuntimeBackend, "aoti": AotiBackend, "tensorrt": TensorRTBackend,
-            "tensorrt-rtx": TensorRTRtxBackend}
+            "tensorrt-rtx": TensorRTRtxBackend, "openvino": OpenVinoBackend}
 
 
 def get_backend(name: str, device: str = "cpu", require: bool = True,

@@ -23,7 +23,8 @@ from mixexport.cli.options import (backend_option, checkpoint_option, device_opt
               help="Seconds of timing per N (at least 5 rounds).")
 @click.option("--peers", default="", metavar="P1,P2",
               help="Also time: compile (torch.compile), aoti, ort-default (stock ORT, fp32), "
-                   "ort-quantize-dynamic (stock ORT int8).")
+                   "ort-quantize-dynamic (stock ORT int8), openvino (f32), openvino-default (OpenVINO's own "
+                   "precision), nncf-int8 (NNCF int8); the last three need mixexport[openvino].")
 @click.option("--compare", multiple=True, type=click.Path(), metavar="BUNDLE",
               help="Also time another bundle of the same model (e.g. built --no-passes), in the same run.")
 @click.option("--cache-modes", is_flag=True, help="Also time per-user cache hits and appends (split/KV bundles).")

@@ -236,7 +236,7 @@ def bench_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | None
     the unsplit one); ``cache_modes``: for bundles with per-user caches, also time a cache hit
     (same user, warm) and an append (each request adds one position's worth of new behaviours).
     """
-    from mixexport.verification.peers import make_peers
+    from mixexport.verification.peers import make_peers, unavailable_peers
 
     say = progress or (lambda _msg: None)
     manifest = bundle if isinstance(bundle, Manifest) else read_manifest(bundle)
@@ -254,7 +254,8 @@ def bench_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | None
             contextlib.ExitStack() as stack:
         other_rts = {f"compare: {o.root.name} ({', '.join(p['name'] for p in o.data['passes']) or 'no passes'})":
                      stack.enter_context(Runtime.open(o, backend, device)) for o in others}
-        peer_fns = make_peers(peers, source, say)
+        sample = Request.from_npz_dict(dict(np.load(manifest.file("inputs/sample.npz"), allow_pickle=False)))
+        peer_fns = make_peers(peers, source, say, calibration=sample)
         label = f"bundle ({rt.name})"
         for n in candidates:
             sample = source.example_request(users, n, seed=7, seq_len=seq_len)
@@ -271,7 +272,8 @@ def bench_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | None
     return {"users": users, "candidates": list(candidates), "device": device, "machine": machine_info(),
             "seq_len": seq_len, "note": "input validation excluded from timings; the plain bundle runner's "
             "requests carry no user ids (every request recomputes its user side)",
-            **({"engines": engines} if engines else {}), "runners": summarize(results)}
+            **({"engines": engines} if engines else {}), "runners": summarize(results),
+            **({"peers_unavailable": unavailable_peers(peers)} if unavailable_peers(peers) else {})}
 
 
 def _cache_runners(rt: Runtime, manifest: Manifest, req: Request, label: str) -> dict[str, Callable[[], Any]]:
