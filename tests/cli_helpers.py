@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from mixexport.cli import main
 
@@ -31,3 +33,11 @@ def run_cli(*args: str) -> CliResult:
         except SystemExit as e:
             code = int(e.code or 0)
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def edit_manifest(bundle: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Apply ``edit`` to a bundle's manifest.json in place (tests that tamper with a bundle copy)."""
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=2))

@@ -99,6 +99,9 @@ struct Scorer {
   std::map<std::string, LoadedSegment> loaded;
 
   Scorer(const mixbundle::Bundle& b, c10::Device d) : bundle(b), device(d) {
+    if (b.find("cache"))  // the KV-cache path runs in mixexport_score_ort (mixexport_ort.cpp), not here
+      throw std::runtime_error("bundle has a cache segment (KV cache), which mixexport_score_aoti does not run: "
+                               "serve it with mixexport_score_ort or the Python runtime");
     std::map<std::string, std::string> paths = mixbundle::verified_engines(b, "aoti");  // all, before any load
     for (const auto& seg : b.segments) loaded.emplace(seg.name, load_segment(paths.at(seg.name), seg));
   }

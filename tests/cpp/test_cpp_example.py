@@ -1,10 +1,9 @@
-"""``examples/cpp``: build the scorer with cmake + g++ against the torch wheel's libtorch, run it on an
+"""``examples/cpp``: the AOTI scorer (built by ``examples/cpp/build.sh`` against the torch wheel's libtorch) on an
 AOTI bundle of the tiny rankmixer, and compare its scores with the Python runtime (≤ 1e-5)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -16,8 +15,10 @@ import pytest
 
 from mixexport.runtime import Runtime
 from mixexport.specs import Request
+from tests.cli_helpers import edit_manifest
 
 from ..backends.conftest import aoti_bundle_for
+from .conftest import CppBuild
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "cpp"
@@ -26,21 +27,11 @@ from make_request import write_request  # noqa: E402  (the example's own helper,
 
 
 @pytest.fixture(scope="module")
-def scorer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example built from scratch (configure + compile + link), as a user would."""
-    import torch.utils
-
-    if not (shutil.which("cmake") and shutil.which("g++")):
-        pytest.skip("cmake and g++ are needed to build examples/cpp")
-    build = tmp_path_factory.mktemp("cpp-build")
-    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
-    r = subprocess.run(["cmake", "-S", str(EXAMPLE), "-B", str(build),
-                        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "skipping mixexport_score_trt" in r.stdout or "building mixexport_score_trt" in r.stdout
-    r = subprocess.run(["cmake", "--build", str(build)], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    exe = build / "mixexport_score_aoti"
+def scorer(cpp_build: CppBuild) -> Path:
+    """The AOTI scorer, built by examples/cpp/build.sh from scratch as a user would (tests/cpp/conftest.py)."""
+    assert "skipping mixexport_score_trt" in cpp_build.log or "building mixexport_score_trt" in cpp_build.log
+    assert "building mixexport_score_aoti" in cpp_build.log, cpp_build.log[-2000:]
+    exe = cpp_build.dir / "mixexport_score_aoti"
     assert exe.is_file()
     return exe
 
@@ -152,13 +143,6 @@ def bundle_copy_aoti(bundle: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def _edit(bundle: Path, edit) -> None:  # noqa: ANN001 - a callable on the manifest dict
-    path = bundle / "manifest.json"
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data, indent=2))
-
-
 def _both_refuse(scorer: Path, bundle: Path, needle: str) -> str:
     """The scorer exits 1 with one ``error:`` line equal to the Python runtime's message."""
     from mixexport.errors import MixexportError
@@ -177,7 +161,7 @@ def test_scorer_refuses_an_engine_outside_the_bundle(scorer: Path, bundle_copy_a
     shutil.copy(bundle_copy_aoti / rel, bundle_copy_aoti.parent / "evil.pt2")
     for escape, reason in (("../evil.pt2", "it climbs out with '..'"),
                            (str(bundle_copy_aoti.parent / "evil.pt2"), "it is absolute")):
-        _edit(bundle_copy_aoti, lambda d: d["segments"][0]["engines"].update(aoti=escape))
+        edit_manifest(bundle_copy_aoti, lambda d: d["segments"][0]["engines"].update(aoti=escape))
         _both_refuse(scorer, bundle_copy_aoti, f"segments[0].engines['aoti'] {escape!r} breaks the bundle path "
                                                f"rule (relative, no '..', resolving inside the bundle): {reason}")
 
@@ -196,7 +180,7 @@ def test_scorer_refuses_a_changed_or_unlisted_package(scorer: Path, bundle_copy_
         f.write(b"\0")
     _both_refuse(scorer, bundle_copy_aoti, f"{rel} does not match its sha256 in the manifest (changed after the "
                                            "build); refusing to load it")
-    _edit(bundle_copy_aoti, lambda d: d["files"].pop(rel))
+    edit_manifest(bundle_copy_aoti, lambda d: d["files"].pop(rel))
     _both_refuse(scorer, bundle_copy_aoti, f"{rel} has no sha256 in the manifest's files")
 
 
@@ -218,7 +202,7 @@ def test_scorer_takes_a_manifest_pin(scorer: Path, bundle_copy_aoti: Path) -> No
     r = subprocess.run([str(scorer), str(bundle_copy_aoti), req, "--manifest-sha256", digest.upper()],
                        capture_output=True, text=True)
     assert r.returncode == 0 and parse_outputs(r.stdout)["logit"].shape == (16, 1), r.stderr
-    _edit(bundle_copy_aoti, lambda d: d.update(notes=["edited"]))
+    edit_manifest(bundle_copy_aoti, lambda d: d.update(notes=["edited"]))
     with pytest.raises(IntegrityError) as e:
         Runtime.open(bundle_copy_aoti, manifest_sha256=digest)
     r = subprocess.run([str(scorer), str(bundle_copy_aoti), req, "--manifest-sha256", digest],

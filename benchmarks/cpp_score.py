@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""C++ (mixexport_score_ort) vs Python Runtime latency on the same bundles and requests.
+
+    python benchmarks/cpp_score.py [--repeat 200] [--build-dir build/cpp] [--work /tmp/cpp_score]
+
+- rankmixer base (ONNX, one full segment): p50 of one scoring call at 1 user x 16 and x 256
+  candidates, C++ vs Python ``Runtime.score``;
+- ugsep base (split user/item): p50 at 1 x 64 with the user state from the per-user cache (hit: the
+  same user id and rows every call) vs computed every call (miss: a cache of 0 bytes keeps nothing),
+  in C++ and in Python.
+
+Both sides use the bundle's session options and ONNX Runtime's default thread pools; each side is
+warmed up first, and the two alternate in rounds (the median of the rounds' p50s is reported). The
+C++ scorer is built with examples/cpp/build.sh (skipped when --build-dir holds it already). Writes
+benchmarks/results/cpp_score.json (machine, load average, command, commit, date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import results
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples" / "cpp"))
+
+
+def interleaved(cpp: Callable[[int], float], python: Callable[[int], float], repeat: int) -> tuple[float, float]:
+    """C++ and Python p50s, measured in ROUNDS alternating rounds of repeat/ROUNDS calls each (the median
+    of the rounds' p50s): a busy neighbour slows both sides alike rather than whichever ran during it."""
+    n = max(1, repeat // ROUNDS)
+    rounds = [(cpp(n), python(n)) for _ in range(ROUNDS)]
+    return statistics.median(c for c, _ in rounds), statistics.median(p for _, p in rounds)
+
+
+ROUNDS = 5
+
+
+def cpp_p50(exe: Path, bundle: Path, request: Path, repeat: int, *extra: str) -> float:
+    r = subprocess.run([str(exe), str(bundle), str(request), "--repeat", str(repeat), *extra],
+                       capture_output=True, text=True, timeout=1800)
+    if r.returncode:
+        raise SystemExit(f"error: {exe.name} failed: {r.stderr.strip()[-500:]}")
+    m = re.search(r"p50 ([0-9.]+) ms", r.stderr)
+    if not m:
+        raise SystemExit(f"error: no p50 in {exe.name}'s output: {r.stderr[-500:]}")
+    return float(m.group(1))
+
+
+def python_p50(runtime: object, request: object, repeat: int) -> float:
+    for _ in range(5):
+        runtime.score(request)  # type: ignore[attr-defined]
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        runtime.score(request)  # type: ignore[attr-defined]
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bundle_for(family: str, work: Path) -> Path:
+    """A base-config bundle of ``family`` (random init), built once into ``work``."""
+    import torch
+
+    from mixexport.models import FAMILIES, save_checkpoint
+    from mixexport.pipeline import BuildOptions, build
+
+    out = work / f"{family}-base"
+    if not (out / "manifest.json").is_file():
+        torch.manual_seed(0)
+        mod = FAMILIES[family]
+        ckpt = save_checkpoint(mod.Model(mod.base()).eval(), work / f"{family}-base.pt", {"note": "random init"})
+        build(ckpt, BuildOptions(out=out, bench=False, metrics=False, force=True))
+    return out
+
+
+def main() -> int:
+    started = results.start()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=200, help="timed calls per case (after a warm-up)")
+    ap.add_argument("--build-dir", type=Path, default=ROOT / "build" / "cpp")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/mixexport-cpp-score"))
+    results.add_save_options(ap, "cpp_score")
+    args = ap.parse_args()
+
+    from make_request import write_request_dir
+
+    from mixexport.runtime import Runtime
+    from mixexport.source import load_source
+
+    exe = args.build_dir / "mixexport_score_ort"
+    if not exe.is_file():
+        subprocess.run([str(ROOT / "examples" / "cpp" / "build.sh"), str(args.build_dir)], check=True,
+                       env={**os.environ, "PYTHON": sys.executable})
+    args.work.mkdir(parents=True, exist_ok=True)
+    out: dict[str, object] = {"repeat": args.repeat}
+
+    plain = bundle_for("rankmixer", args.work)
+    source = load_source(args.work / "rankmixer-base.pt")
+    with Runtime.open(plain) as rt:
+        for n in (16, 256):
+            req = source.example_request(1, n, seed=n)
+            req = type(req)(user=req.user, item=req.item, user_index=req.user_index, user_ids=None)
+            d = write_request_dir(req, args.work / f"rankmixer-1x{n}")
+            cpp, py = interleaved(lambda k, d=d: cpp_p50(exe, plain, d, k),
+                                  lambda k, req=req: python_p50(rt, req, k), args.repeat)
+            out[f"rankmixer_base_1x{n}"] = {"cpp_p50_ms": cpp, "python_p50_ms": py, "speedup": py / cpp}
+            print(f"rankmixer base 1x{n}: C++ p50 {cpp:.3f} ms, Python p50 {py:.3f} ms ({py / cpp:.2f}x)")
+
+    split = bundle_for("ugsep", args.work)
+    req = load_source(args.work / "ugsep-base.pt").example_request(1, 64, seed=64)
+    d = write_request_dir(req, args.work / "ugsep-1x64")
+    with Runtime.open(split) as rt_hit, Runtime.open(split, cache_bytes=0) as rt_miss:
+        hit, py_hit = interleaved(lambda k: cpp_p50(exe, split, d, k), lambda k: python_p50(rt_hit, req, k), args.repeat)
+        miss, py_miss = interleaved(lambda k: cpp_p50(exe, split, d, k, "--cache-bytes", "0"),
+                                    lambda k: python_p50(rt_miss, req, k), args.repeat)
+    out["ugsep_base_1x64"] = {"cpp_hit_p50_ms": hit, "cpp_miss_p50_ms": miss, "cpp_miss_over_hit": miss / hit,
+                              "python_hit_p50_ms": py_hit, "python_miss_p50_ms": py_miss}
+    print(f"ugsep base 1x64: C++ hit p50 {hit:.3f} ms, miss {miss:.3f} ms ({miss / hit:.2f}x); "
+          f"Python hit {py_hit:.3f} ms, miss {py_miss:.3f} ms")
+    out["load_average_at_end"] = list(os.getloadavg())
+    results.save(args, "cpp_score", started,
+                 "p50 of one scoring call, C++ mixexport_score_ort vs the Python Runtime on the same bundles "
+                 "and requests (rankmixer base 1x16 and 1x256; ugsep base 1x64 user-cache hit vs miss)", out)
+    return 0
+
+
+if __name__ == "__main__":
+    results.run(main)
