@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Callable, Mapping
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
 from mixexport.errors import MixexportError  # noqa: E402
-from mixexport.machine import provenance  # noqa: E402
+from mixexport.machine import provenance, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -72,15 +71,10 @@ def time_rounds(fns: Mapping[str, Callable[[], Any]], rounds: int) -> dict[str, 
 
 
 def write(name: str, started: dict[str, Any], summary: str, results: Any, path: Path | None = None) -> Path:
-    """Write ``{**started, "name", "summary", "results"}`` atomically; ``summary`` is one sentence
-    saying what was measured (it heads the benchmark's section in ``docs/benchmarks.md``)."""
-    path = path or RESULTS / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"name": name, "summary": summary, **started, "results": results}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write ``{"name", "summary", **started, "results"}`` atomically to ``benchmarks/results/<name>.json``
+    (or ``path``); ``summary`` is one sentence saying what was measured (it heads the benchmark's
+    section in ``docs/benchmarks.md``)."""
+    return write_result(path or RESULTS / f"{name}.json", name, summary, started, results)
 
 
 def run(main: Callable[[], int | None]) -> None:

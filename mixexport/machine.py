@@ -83,3 +83,16 @@ def provenance(command: list[str] | None = None) -> dict[str, Any]:
             "load_average_at_start": load_average(),
             "python": platform.python_version(),
             "platform": platform.platform()}
+
+
+def write_result(path: Path, name: str, summary: str, started: dict[str, Any], results: Any) -> Path:
+    """Write one benchmark result file atomically: ``{"name", "summary", **started, "results"}``,
+    ``started`` being :func:`provenance` taken when the run began. ``docs/benchmarks.md`` is generated
+    from these files (``scripts/gen_docs.py``); ``summary`` is the sentence that heads its section."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"name": name, "summary": summary, **started, "results": results}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
