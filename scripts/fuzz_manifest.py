@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Manifest fuzzing, the long run: random structural mutations of real bundles' ``manifest.json``
 through ``verify``, ``inspect`` (text and ``--json``) and ``Runtime.open`` (see
-:mod:`mixexport.manifest_fuzz`). Every mutation must end cleanly: accepted, or refused with one
+:mod:`mixexport.testing.manifest_fuzz`). Every mutation must end cleanly: accepted, or refused with one
 ``error:`` line / a one-line MixexportError — never a traceback, an internal error or a hang.
 
     python scripts/fuzz_manifest.py --mutations 2000 --seed 1 --out manifest-fuzz.json
@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mixexport.manifest_fuzz import CONSUMERS, timed_run
+from mixexport.testing.manifest_fuzz import CONSUMERS, timed_run
 
 
 def _parse() -> argparse.Namespace:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Fuzzed parity, the long run: random valid configs of every family × every applicable pass
-combination × request shapes, each built, verified and scored (see :mod:`mixexport.fuzz`).
+combination × request shapes, each built, verified and scored (see :mod:`mixexport.testing.fuzz`).
 
     python scripts/fuzz_parity.py --cases 200 --seed 1 --out fuzz-report.json
     python scripts/fuzz_parity.py --seed 1 --start 37 --cases 1 --shrink    # re-run (and shrink) case 37
@@ -23,7 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any, Iterator
 
-from mixexport.fuzz import (Case, combinations, describe, generate_cases, run_case, shrink, signature,
+from mixexport.testing.fuzz import (Case, combinations, describe, generate_cases, run_case, shrink, signature,
                             summarize)
 
 

@@ -1,4 +1,4 @@
-"""Fuzzed parity, the CI slice (mixexport.fuzz; the long run is scripts/fuzz_parity.py).
+"""Fuzzed parity, the CI slice (mixexport.testing.fuzz; the long run is scripts/fuzz_parity.py).
 
 Per (family, passes) combination, one random case — built, verified and scored for real: case k
 of seed ``CI_SEED`` for combination k. Plus the minimal configs of the bugs the fuzzer found (each
@@ -25,7 +25,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixexport.fuzz import (COMBOS, INT8, INT8_COMBOS, KV, PACK, QUANT, QUANT_MIN_WIDTH, SPLIT, Case, Chooser,
+from mixexport.testing.fuzz import (COMBOS, INT8, INT8_COMBOS, KV, PACK, QUANT, QUANT_MIN_WIDTH, SPLIT, Case, Chooser,
                             combinations, describe, generate_cases, make_case, replay, run_case)
 from mixexport.models import create_model
 from mixexport.models.common import random_feeds
@@ -210,7 +210,7 @@ def _check_engines(result: dict[str, Any]) -> None:
 
 
 def test_request_modes(tmp_path: Path) -> None:
-    from mixexport.fuzz import USER_INDEX_MODES, make_request
+    from mixexport.testing.fuzz import USER_INDEX_MODES, make_request
     from mixexport.models import save_checkpoint
     from mixexport.source import load_source
 

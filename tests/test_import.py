@@ -131,3 +131,18 @@ def test_no_pass_imports_another_pass() -> None:
     assert len(passes) == len(ORDER) and passes <= set(graph)
     for name in passes:
         assert not graph[name] & (passes - {name}), f"{name} imports {sorted(graph[name] & passes)}"
+
+
+def test_the_house_test_tooling_and_class_sizes() -> None:
+    """Test tooling (fuzzers, payloads) lives in mixexport/testing/, not the package root; no class
+    grows past ~250 lines (split it: the runtime's caches live in mixexport/caches.py)."""
+    import ast
+
+    assert not sorted(p.name for p in (ROOT / "mixexport").glob("*fuzz*.py"))
+    big = []
+    for folder in PACKAGE_DIRS.values():
+        for f in folder.rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 260:
+                    big.append(f"{f.relative_to(ROOT)}:{node.name}")
+    assert not big, big

@@ -165,7 +165,7 @@ def test_a_model_past_the_protobuf_limit_opens_from_external_data() -> None:
 
     from mixexport.backends.onnxruntime import OnnxRuntimeBackend
     from mixexport.export import weight_bytes
-    from mixexport.pipeline import open_in_memory
+    from mixexport.stages import open_in_memory
 
     w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",

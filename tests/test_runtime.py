@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mixexport.errors import BadInputError
-from mixexport.runtime import Runtime, UserStateCache
+from mixexport.caches import UserStateCache
+from mixexport.runtime import Runtime
 from mixexport.source import load_source
 from mixexport.specs import Request
 

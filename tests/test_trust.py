@@ -397,7 +397,7 @@ def test_fuzz_findings_stay_fixed(split_copy: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("which", ["full", "split"])
 def test_manifest_fuzz_ci_slice(which: str, bundle_copy: Path, request: pytest.FixtureRequest) -> None:
-    from mixexport.manifest_fuzz import KINDS, timed_run
+    from mixexport.testing.manifest_fuzz import KINDS, timed_run
 
     bundle = bundle_copy if which == "full" else request.getfixturevalue("split_copy")
     before = (bundle / "manifest.json").read_bytes()

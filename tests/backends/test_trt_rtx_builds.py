@@ -23,7 +23,7 @@ import pytest
 from mixexport.backends.tensorrt import RTX_DEFAULT_ARCHS, TensorRTRtxBackend
 from mixexport.bundle import BundleWriter, PassRecord
 from mixexport.export import save_onnx
-from mixexport.fuzz import INT8, combinations
+from mixexport.testing.fuzz import INT8, combinations
 from mixexport.models import FAMILIES
 from mixexport.pipeline import SAMPLE_CANDIDATES, SAMPLE_USERS, initial_bundle, parse_pass_options, run_pass
 from mixexport.pipeline import select_passes, to_onnx_stage

@@ -211,11 +211,11 @@ def test_scorer_takes_a_manifest_pin(scorer: Path, bundle_copy_aoti: Path) -> No
 
 
 def test_scorer_survives_manifest_fuzzing(scorer: Path, bundle_copy_aoti: Path) -> None:
-    """Random structural mutations (mixexport.manifest_fuzz): scores or one ``error:`` line, never a
+    """Random structural mutations (mixexport.testing.manifest_fuzz): scores or one ``error:`` line, never a
     crash, a hang or a partial answer."""
     import random
 
-    from mixexport.manifest_fuzz import mutate
+    from mixexport.testing.manifest_fuzz import mutate
 
     path = bundle_copy_aoti / "manifest.json"
     manifest = json.loads(path.read_text())

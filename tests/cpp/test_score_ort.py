@@ -306,11 +306,11 @@ def test_bad_requests_get_the_python_runtime_message(exe: Path, bundles: dict[st
 
 
 def test_survives_manifest_fuzzing(exe: Path, bundles: dict[str, Path], tmp_path: Path) -> None:
-    """Random structural mutations (mixexport.manifest_fuzz) of a KV bundle's manifest, the richest
+    """Random structural mutations (mixexport.testing.manifest_fuzz) of a KV bundle's manifest, the richest
     one (cache spec, three segments): scores or one ``error:`` line, never a crash, hang or partial answer."""
     import random
 
-    from mixexport.manifest_fuzz import mutate
+    from mixexport.testing.manifest_fuzz import mutate
 
     bundle = tmp_path / "bundle"
     shutil.copytree(bundles["kv-longer"], bundle)

@@ -1,7 +1,7 @@
 """Fuzzed parity: random valid model configs × request shapes × pass combinations, each built and
 verified by the real pipeline, then scored against the eager model.
 
-A :class:`Case` is drawn by the family's sampler (:mod:`mixexport.fuzz_configs`) from a
+A :class:`Case` is drawn by the family's sampler (:mod:`mixexport.testing.fuzz_configs`) from a
 :class:`Chooser`: every random decision is a named choice among options listed **simplest first**
 (fewest tokens, one layer, …). The chooser records the index it took per name, so a case can be
 replayed exactly from its ``choices`` and shrunk by lowering indices (:func:`shrink`) —
@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mixexport.fuzz_configs import SAMPLERS, Chooser
+from mixexport.testing.fuzz_configs import SAMPLERS, Chooser
 
 
 SPLIT, KV, PACK, QUANT = "split-user-item", "extract-kv-cache", "pack-moe-experts", "quantize-w8a16"

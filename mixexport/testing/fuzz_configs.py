@@ -1,5 +1,5 @@
 """The fuzzer's config samplers: one per family, each drawing a valid ``Config`` of it from a
-:class:`Chooser` (every option list simplest first, so :func:`mixexport.fuzz.shrink`
+:class:`Chooser` (every option list simplest first, so :func:`mixexport.testing.fuzz.shrink`
 can lower indices towards the smallest config).
 
 Signature: ``(choose, moe=None, min_width=1, quantized=False, split=False) -> (Config, request
