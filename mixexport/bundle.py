@@ -41,7 +41,7 @@ from mixexport.manifest_check import validate
 from mixexport.outdir import check_out, check_replaceable, is_write_error, write_error, write_marker
 from mixexport.source import Source, sha256_file
 from mixexport.specs import TensorSpec
-from mixexport.trust import check_files, external_data_files, file_digest, resolve_inside
+from mixexport.trust import check_files, external_data_files, file_digest, no_duplicate_keys, resolve_inside
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -370,7 +370,7 @@ def read_manifest(bundle_dir: str | Path, sha256: str | None = None) -> Manifest
         raise IntegrityError(f"{path} has sha256 {digest}, not the pinned {sha256.strip()[:64]}",
                              "the manifest is not the one that was published; fetch the bundle again")
     try:
-        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicate_keys,
                           parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadInputError(f"{path} is not valid JSON ({str(e)[:200]})", "rebuild the bundle") from None
@@ -395,17 +395,6 @@ def read_manifest(bundle_dir: str | Path, sha256: str | None = None) -> Manifest
                      engines=dict(seg.get("engines") or {}), session_options=dict(seg.get("session_options") or {}))
         for seg in data["segments"])
     return Manifest(root=root, data=data, segments=segments, sha256=digest)
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # a key given twice means different things to different JSON readers (Python keeps the last):
-    # a manifest must mean one thing to every reader of it, the C++ example's included
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
 
 
 def _no_constant(name: str) -> Any:

@@ -56,6 +56,18 @@ def _shown(value: object) -> str:
     return text if len(text) <= 160 else text[:150] + "…" + text[-8:]
 
 
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads(..., object_pairs_hook=no_duplicate_keys)``: a key given twice means different
+    things to different JSON readers (Python keeps the last), so an untrusted document (a manifest,
+    a .pt2's JSON members) must mean one thing to every reader of it: refuse it (``ValueError``)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {_shown(key)}")
+        out[key] = value
+    return out
+
+
 def path_problem(rel: object) -> str | None:
     """Why ``rel`` breaks the path rule on its own (without the file system), or None."""
     if not isinstance(rel, str):

@@ -22,7 +22,6 @@ them as they are.
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import queue
 import time
@@ -33,7 +32,7 @@ import numpy as np
 
 from mixexport.backends.base import SessionBase
 from mixexport.bundle import Bundle, BundleWriter, Manifest, SegmentEntry
-from mixexport.errors import BadInputError, EnvironmentUnavailableError, IntegrityError
+from mixexport.errors import BadInputError, EnvironmentUnavailableError
 from mixexport.machine import cpu_info, has_flags
 
 INSTALL_HINT = 'pip install "mixexport[openvino]"'
@@ -87,20 +86,11 @@ def engine_paths(segment: str) -> tuple[str, str]:
 
 
 def read_checked(manifest: Manifest, rel: str) -> bytes:
-    """The bytes of ``rel`` read once and checked against its sha256 in the manifest's ``files``."""
-    from mixexport.trust import CONTENT_HINT
+    """The bytes of ``rel`` read once and checked against its sha256 in the manifest's ``files``
+    (:func:`mixexport.checked_load.read_checked`: the same read, path rule and hash as every segment)."""
+    from mixexport.checked_load import read_checked as read_checked_file
 
-    digest = manifest.data["files"].get(rel)
-    if digest is None:
-        raise IntegrityError(f"{rel} has no sha256 in the manifest's files; refusing to load an unverified file",
-                             CONTENT_HINT)
-    path = manifest.file(rel)
-    if not path.is_file():
-        raise IntegrityError(f"{rel} is missing from the bundle (or is not a regular file)", CONTENT_HINT)
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != digest:
-        raise IntegrityError(f"{rel} does not match its sha256 in the manifest; refusing to load it", CONTENT_HINT)
-    return data
+    return read_checked_file(manifest.root, manifest.data["files"], rel, as_bytes=True).data  # type: ignore[return-value]
 
 
 class OpenVinoSession(SessionBase):

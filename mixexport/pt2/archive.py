@@ -47,6 +47,7 @@ import torch
 from mixexport.errors import BadInputError
 from mixexport.pt2.exprs import check_program_strings
 from mixexport.pt2.pickles import PickleRefused, reserialize
+from mixexport.trust import no_duplicate_keys
 
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_ARCHIVE_BYTES = 4 << 30        # the file itself, read once into memory
@@ -309,7 +310,7 @@ def _payload_entries(z: zipfile.ZipFile, info: zipfile.ZipInfo, config: str,
                      c: Any) -> list[tuple[str, bool, int]]:
     """(path_name, use_pickle, bytes its raw tensors reach) of a weights/constants payload config."""
     try:
-        doc = json.loads(_inflate(z, info), object_pairs_hook=_no_duplicate_keys)
+        doc = json.loads(_inflate(z, info), object_pairs_hook=no_duplicate_keys)
     except (ValueError, RecursionError) as e:
         raise _Refused(f"{config} is not valid JSON ({str(e)[:80]})") from None
     entries = doc.get("config") if isinstance(doc, dict) else None
@@ -405,18 +406,9 @@ def _raw_tensor_bytes(name: str, data: bytes) -> bytes:
     return data
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k[:60]!r}")
-        out[k] = v
-    return out
-
-
 def _json_bytes(name: str, data: bytes) -> bytes:
     try:
-        json.loads(data, object_pairs_hook=_no_duplicate_keys)
+        json.loads(data, object_pairs_hook=no_duplicate_keys)
     except (ValueError, RecursionError) as e:
         raise _Refused(f"{name} is not valid JSON ({str(e)[:80]})") from None
     return data
@@ -424,7 +416,7 @@ def _json_bytes(name: str, data: bytes) -> bytes:
 
 def _program_json(name: str, data: bytes) -> bytes:
     try:
-        doc = json.loads(data, object_pairs_hook=_no_duplicate_keys)
+        doc = json.loads(data, object_pairs_hook=no_duplicate_keys)
     except (ValueError, RecursionError) as e:
         raise _Refused(f"{name} is not valid JSON ({str(e)[:80]})") from None
     problem = check_program_strings(doc)
