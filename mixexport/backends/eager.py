@@ -13,11 +13,20 @@ from mixexport.source import Source
 
 class EagerSession(SessionBase):
     def __init__(self, source: Source) -> None:
+        from mixexport.pages import MappedWeights
+
         self.source = source
+        # a memory-mapped checkpoint (>= 1 GiB): the pages each call touched go back to the kernel,
+        # so scoring a few thousand random ids of a 4 GB table does not leave GBs resident
+        self.mapped = MappedWeights(source.module, source.path) if source.kind == "checkpoint" else None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._check_open()
-        return self.source.reference(feeds)
+        try:
+            return self.source.reference(feeds)
+        finally:
+            if self.mapped is not None:
+                self.mapped.release()
 
     def close(self) -> None:
         """Drop the session's reference to the source (the model itself belongs to the caller)."""

@@ -7,7 +7,7 @@ chunk (a fixed buffer, smaller than one partition) of the table. A first pass co
 every partition, so each ``.npy`` header is written before its rows.
 
 When the weight is a view of a memory-mapped checkpoint (``torch.load(mmap=True)``), the pages of a
-chunk are handed back to the kernel once written (``madvise(MADV_PAGEOUT)``): reading a 4 GB table
+chunk are handed back to the kernel once written (:func:`mixexport.pages.page_out`): reading a 4 GB table
 through the mapping would otherwise keep all of it resident and count it in the process's RSS.
 MADV_PAGEOUT never discards data (anonymous pages go to swap, if any; clean file pages are
 re-read on the next access), so it is safe on a weight that is not file-backed too.
@@ -15,19 +15,17 @@ re-read on the next access), so it is safe on a weight that is not file-backed t
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import mmap
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from mixexport.pages import page_out
 from mixexport.tables.layout import TableEntry, encode_rows, part_file, partition_of, table_version
 
 CHUNK_BYTES = 64 * 1024**2
-MADV_PAGEOUT = 21
 
 
 @dataclass(frozen=True)
@@ -104,7 +102,7 @@ def write_table(data: TableData, root: Path, chunk_bytes: int = CHUNK_BYTES) -> 
         for start in range(0, rows, chunk):
             stop = min(rows, start + chunk)
             block = data.numpy_rows(start, stop)
-            _page_out(data.weight, start, stop)
+            page_out(data.weight, start, stop)
             ids = np.arange(start, stop, dtype=np.int64)
             which = partition_of(ids, P)
             order = np.argsort(which, kind="stable")  # stable: ids stay ascending inside a partition
@@ -124,26 +122,6 @@ def write_table(data: TableData, root: Path, chunk_bytes: int = CHUNK_BYTES) -> 
                       for p in parts)
     done = replace(entry, parts=part_json)
     return replace(done, version=table_version(done, digests)), digests
-
-
-def _page_out(weight: Any, start: int, stop: int) -> None:
-    """Hand the pages of rows ``[start, stop)`` back to the kernel (see the module docstring)."""
-    try:
-        row_bytes = weight.shape[1] * weight.element_size()
-        addr = weight.data_ptr() + start * row_bytes
-        length = (stop - start) * row_bytes
-    except (AttributeError, IndexError, RuntimeError):
-        return
-    page = mmap.PAGESIZE
-    lo = -(-addr // page) * page   # whole pages inside the range only: never a neighbour's
-    hi = (addr + length) // page * page
-    if hi <= lo:
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(MADV_PAGEOUT))
-    except (OSError, AttributeError):  # not Linux: the pages stay until the kernel needs them
-        return
 
 
 def write_tables(tables: tuple[TableData, ...], root: Path) -> list[TableEntry]:
