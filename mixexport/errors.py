@@ -73,3 +73,18 @@ class EnvironmentUnavailableError(MixexportError):
     """A backend, device, optional package or dataset is not available here."""
 
     exit_code = 3
+
+
+class StoreUnavailableError(EnvironmentUnavailableError):
+    """A table store (a Redis Cluster node) refused the connection, is down, answered with an error
+    it cannot recover from (e.g. out of memory), or did not answer within the request's deadline.
+    Nothing was scored, nothing was flipped."""
+
+
+class StoreTimeoutError(StoreUnavailableError):
+    """A table-store request ran past its deadline (a node hung, or failing over)."""
+
+
+class TablesVersionError(IntegrityError):
+    """The table store's current ``tables_version`` is not the one the bundle's segments were
+    built with, or the version's rows are gone: refusing to score with other tables."""

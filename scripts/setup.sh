@@ -36,7 +36,7 @@ python -m pip install -q torch==2.13.0
 # were measured with); triton: pytriton's tritonserver serves the python-backend flavour live;
 # openvino: --target openvino and its bench peers (openvino, nncf); ray: verify/score --engine ray
 # pyarrow<22: later pyarrow needs NumPy >= 2, and nvidia-pytriton (the triton extra) keeps NumPy < 2
-python -m pip install -q -e ".[cpu,dev,trt-rtx,triton,openvino,ray]" tensorrt-rtx-cu13==1.7.1.116 "pyarrow>=14,<22"
+python -m pip install -q -e ".[cpu,dev,trt-rtx,triton,openvino,ray,redis]" tensorrt-rtx-cu13==1.7.1.116 "pyarrow>=14,<22"
 # MovieLens-100k ships inside this wheel; --no-deps: its own dependencies are heavy and unused
 python -m pip install -q --no-deps recbole==1.2.1
 echo "setup done: . .venv/bin/activate"

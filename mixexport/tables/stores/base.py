@@ -62,24 +62,35 @@ class TableLookups:
         self.version = version
 
     def expand(self, request: Request) -> Request:
-        """``request`` plus the rows input of every replaced lookup, on the id input's side."""
+        """``request`` plus the rows input of every replaced lookup, on the id input's side. Every
+        table's ids are checked before any row is looked up."""
         user, item = dict(request.user), dict(request.item)
+        plans, wanted = [], {}
         for table in self.entries:
-            sides, wanted = [], []
+            sides, ids_list = [], []
             for use in table.uses:
                 side = user if use.input in request.user else item
                 ids = use.global_ids(side[use.input])
                 sides.append((use, side, ids.shape))
-                wanted.append(ids.reshape(-1))
-            if not wanted:
+                ids_list.append(ids.reshape(-1))
+            if not ids_list:
                 continue
-            distinct, inverse = np.unique(np.concatenate(wanted), return_inverse=True)
-            rows = self.store.lookup(table.name, distinct)
+            distinct, inverse = np.unique(np.concatenate(ids_list), return_inverse=True)
+            check_ids(table, distinct)
+            wanted[table.name] = distinct
+            plans.append((table, sides, ids_list, inverse))
+        rows = self.rows(wanted)
+        for table, sides, ids_list, inverse in plans:
             at = 0
-            for (use, side, shape), ids in zip(sides, wanted):
-                side[use.rows.name] = rows[inverse[at:at + ids.size]].reshape(*shape, table.dim)
+            for (use, side, shape), ids in zip(sides, ids_list):
+                side[use.rows.name] = rows[table.name][inverse[at:at + ids.size]].reshape(*shape, table.dim)
                 at += ids.size
         return dataclasses.replace(request, user=user, item=item)
+
+    def rows(self, wanted: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows of each table's distinct ids: one ``lookup`` per table (a store that can fetch every
+        table in one round trip overrides this)."""
+        return {name: self.store.lookup(name, ids) for name, ids in wanted.items()}
 
     def close(self) -> None:
         self.store.close()
