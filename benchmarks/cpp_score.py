@@ -4,7 +4,8 @@
     python benchmarks/cpp_score.py [--repeat 200] [--build-dir build/cpp] [--work /tmp/cpp_score]
 
 - rankmixer base (ONNX, one full segment): p50 of one scoring call at 1 user x 16 and x 256
-  candidates, C++ vs Python ``Runtime.score``;
+  candidates, C++ vs Python ``Runtime.score``; and rankmixer tiny at 1 x 16, where the model's
+  compute is small and the per-request overhead of each side shows;
 - ugsep base (split user/item): p50 at 1 x 64 with the user state from the per-user cache (hit: the
   same user id and rows every call) vs computed every call (miss: a cache of 0 bytes keeps nothing),
   in C++ and in Python.
@@ -66,18 +67,19 @@ def python_p50(runtime: object, request: object, repeat: int) -> float:
     return statistics.median(times)
 
 
-def bundle_for(family: str, work: Path) -> Path:
-    """A base-config bundle of ``family`` (random init), built once into ``work``."""
+def bundle_for(family: str, work: Path, config: str = "base") -> Path:
+    """A ``config`` (base or tiny) bundle of ``family`` (random init), built once into ``work``."""
     import torch
 
     from mixexport.models import FAMILIES, save_checkpoint
     from mixexport.pipeline import BuildOptions, build
 
-    out = work / f"{family}-base"
+    out = work / f"{family}-{config}"
     if not (out / "manifest.json").is_file():
         torch.manual_seed(0)
         mod = FAMILIES[family]
-        ckpt = save_checkpoint(mod.Model(mod.base()).eval(), work / f"{family}-base.pt", {"note": "random init"})
+        ckpt = save_checkpoint(mod.Model(getattr(mod, config)()).eval(), work / f"{family}-{config}.pt",
+                               {"note": "random init"})
         build(ckpt, BuildOptions(out=out, bench=False, metrics=False, force=True))
     return out
 
@@ -103,17 +105,19 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     out: dict[str, object] = {"repeat": args.repeat}
 
-    plain = bundle_for("rankmixer", args.work)
-    source = load_source(args.work / "rankmixer-base.pt")
-    with Runtime.open(plain) as rt:
-        for n in (16, 256):
-            req = source.example_request(1, n, seed=n)
-            req = type(req)(user=req.user, item=req.item, user_index=req.user_index, user_ids=None)
-            d = write_request_dir(req, args.work / f"rankmixer-1x{n}")
-            cpp, py = interleaved(lambda k, d=d: cpp_p50(exe, plain, d, k),
-                                  lambda k, req=req: python_p50(rt, req, k), args.repeat)
-            out[f"rankmixer_base_1x{n}"] = {"cpp_p50_ms": cpp, "python_p50_ms": py, "speedup": py / cpp}
-            print(f"rankmixer base 1x{n}: C++ p50 {cpp:.3f} ms, Python p50 {py:.3f} ms ({py / cpp:.2f}x)")
+    # base: compute dominates; tiny: the per-request overhead (feeds, checks, session call) does
+    for config, sizes in (("base", (16, 256)), ("tiny", (16,))):
+        plain = bundle_for("rankmixer", args.work, config)
+        source = load_source(args.work / f"rankmixer-{config}.pt")
+        with Runtime.open(plain) as rt:
+            for n in sizes:
+                req = source.example_request(1, n, seed=n)
+                req = type(req)(user=req.user, item=req.item, user_index=req.user_index, user_ids=None)
+                d = write_request_dir(req, args.work / f"rankmixer-{config}-1x{n}")
+                cpp, py = interleaved(lambda k, d=d, b=plain: cpp_p50(exe, b, d, k),
+                                      lambda k, req=req, rt=rt: python_p50(rt, req, k), args.repeat)
+                out[f"rankmixer_{config}_1x{n}"] = {"cpp_p50_ms": cpp, "python_p50_ms": py, "speedup": py / cpp}
+                print(f"rankmixer {config} 1x{n}: C++ p50 {cpp:.3f} ms, Python p50 {py:.3f} ms ({py / cpp:.2f}x)")
 
     split = bundle_for("ugsep", args.work)
     req = load_source(args.work / "ugsep-base.pt").example_request(1, 64, seed=64)
@@ -129,7 +133,7 @@ def main() -> int:
     out["load_average_at_end"] = list(os.getloadavg())
     results.save(args, "cpp_score", started,
                  "p50 of one scoring call, C++ mixexport_score_ort vs the Python Runtime on the same bundles "
-                 "and requests (rankmixer base 1x16 and 1x256; ugsep base 1x64 user-cache hit vs miss)", out)
+                 "and requests (rankmixer base 1x16 and 1x256, tiny 1x16; ugsep base 1x64 user-cache hit vs miss)", out)
     return 0
 
 

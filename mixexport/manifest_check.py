@@ -135,6 +135,19 @@ class _Check:
                 raise self.fail(f"{where}.vocab", f"has {len(vocab)} entries for a last axis of {shape[-1]}")
         elif vocab is not None:
             self.integer(vocab, f"{where}.vocab", lo=1, hi=2**62)
+        ids = d.get("ids")
+        if ids is not None:  # id ranges found in the graph (mixexport/program/ids.py)
+            self.array(ids, f"{where}.ids", lo=1)
+            for k, r in enumerate(ids):
+                if r is None:
+                    continue
+                if not isinstance(r, dict):
+                    raise self.fail(f"{where}.ids[{k}]", f"must be an object or null, found {_kind(r)}")
+                low = self.integer(self.key(r, "low", f"{where}.ids[{k}]"), f"{where}.ids[{k}].low", lo=0, hi=2**62)
+                if r.get("high") is not None:
+                    self.integer(r["high"], f"{where}.ids[{k}].high", lo=low + 1, hi=2**63 - 1)
+            if len(ids) > 1 and shape and isinstance(shape[-1], int) and len(ids) != shape[-1]:
+                raise self.fail(f"{where}.ids", f"has {len(ids)} entries for a last axis of {shape[-1]}")
         return d
 
     def specs(self, v: Any, where: str, lo: int = 0) -> dict[str, dict[str, Any]]:
@@ -208,6 +221,8 @@ def _model(c: _Check, model: dict[str, Any]) -> None:
         c.integer(entry[1], f"{where}[1]", lo=1, hi=2**20)
     for name, lo in c.obj(model.get("minimums") or {}, "model.minimums").items():
         c.integer(lo, f"model.minimums[{c.name(name, 'model.minimums key', 64)!r}]", hi=2**20)
+    for name, hi in c.obj(model.get("maximums") or {}, "model.maximums").items():  # a .pt2's Dim(max=)
+        c.integer(hi, f"model.maximums[{c.name(name, 'model.maximums key', 64)!r}]", lo=1, hi=2**31)
 
 
 def _segments(c: _Check, root: Path, value: Any) -> list[dict[str, Any]]:

@@ -252,7 +252,9 @@ def export_segment(gm: fx.GraphModule, specs: tuple[TensorSpec, ...], feeds: Map
     """
     from mixexport.source import dynamic_shapes
 
-    dynamic = dynamic_shapes(specs, multiples, minimums)
+    from mixexport.program.shapes import graph_maximums
+
+    dynamic = dynamic_shapes(specs, multiples, minimums, graph_maximums(gm, specs))  # a .pt2's Dim(max=) kept
     kwargs = {s.name: torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in specs}
     return torch.export.export(gm, (), kwargs=kwargs, dynamic_shapes=dynamic, strict=False)
 
@@ -296,6 +298,41 @@ def segment_flops(program: torch.export.ExportedProgram, feeds: Mapping[str, np.
     return int(counter.get_total_flops())
 
 
+#: Candidate counts the split's saving is predicted at (inspect, the pass report, bench).
+PREDICT_AT = (1, 16, 64, 256, 1024)
+
+
+def predicted_speedup(f_full: int, f_user: int, f_item: int, at: Iterable[int] = PREDICT_AT) -> dict[str, float | None]:
+    """Unsplit over split FLOPs for 1 user × N candidates: ``N·F / (F_user + N·F_item)``: the unsplit
+    program runs everything N times, the split one its user part once and its item part N times."""
+    return {str(n): (n * f_full) / (f_user + n * f_item) if f_user + n * f_item else None for n in at}
+
+
+def role_flops(analysis: Analysis, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """FLOPs of one call of the analysed graph on ``feeds``, by the role of the node that spends them
+    (``user``, ``item``, ``const``): what a split would run once per user and what per candidate,
+    measured without cutting the graph (torch's flop counter, node by node: matmuls and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    totals: dict[str, int] = {"user": 0, "item": 0, "const": 0}
+    roles = analysis.roles
+
+    class Counting(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            if n.op != "call_function" or roles.get(n) not in totals:
+                return super().run_node(n)
+            with FlopCounterMode(display=False) as counter:
+                out = super().run_node(n)
+            totals[roles[n]] += int(counter.get_total_flops())
+            return out
+
+    dtypes = {name: _tensor_val(ph).dtype for name, ph in analysis.placeholders.items()}
+    args = [torch.from_numpy(np.ascontiguousarray(feeds[name])).to(dtypes[name]) for name in analysis.placeholders]
+    with torch.inference_mode():
+        Counting(analysis.gm).run(*args)
+    return totals
+
+
 # --------------------------------------------------------------------------------------------
 # shared by the request-level passes (split-user-item, extract-kv-cache)
 
@@ -322,8 +359,8 @@ def describe_node(node: Any) -> str:
 
 def rename_batch(specs: tuple[TensorSpec, ...], name: str) -> tuple[TensorSpec, ...]:
     """``specs`` with the ``batch`` axis renamed (``users`` or ``candidates`` in a segment)."""
-    return tuple(TensorSpec(s.name, s.dtype, tuple(name if d == "batch" else d for d in s.shape), s.role, s.vocab)
-                 for s in specs)
+    return tuple(TensorSpec(s.name, s.dtype, tuple(name if d == "batch" else d for d in s.shape), s.role, s.vocab,
+                            s.ids) for s in specs)
 
 
 def run_program(program: torch.export.ExportedProgram, feeds: Mapping[str, np.ndarray],

@@ -26,7 +26,7 @@ from mixexport.export import EXTERNAL_DATA_THRESHOLD
 from mixexport.passes import PassInfo, PassResult
 from mixexport.passes.options import build_options, check_specs, split_specs
 from mixexport.passes.order import ORDER, pass_by_name
-from mixexport.precision import PASS_PRECISIONS
+from mixexport.precision import ORT_CPU_PRECISIONS, PASS_PRECISIONS, check_precision_passes
 from mixexport.runtime import Runtime
 from mixexport.source import Source, load_source
 from mixexport.stages import BuildPlan, initial_bundle, stage_runtime, to_onnx_stage  # noqa: F401 (re-exported)
@@ -127,12 +127,13 @@ def run_pass(info: PassInfo, bundle: Bundle, options: Any, done: list[str]) -> P
     return result
 
 
-def preconditions(source: Source) -> dict[str, str | None]:
-    """For every pass: None if it applies to ``source``, else the precondition's message."""
+def preconditions(source: Source, stages: dict[str, Bundle] | None = None) -> dict[str, str | None]:
+    """For every pass: None if it applies to ``source``, else the precondition's message. ``stages``
+    (filled in place) keeps the program- and ONNX-stage bundles built for the checks, for reuse."""
     from mixexport.errors import PreconditionError
 
     out: dict[str, str | None] = {}
-    stages: dict[str, Bundle] = {}
+    stages = {} if stages is None else stages
     for info in ORDER:
         if info.requires is None:
             out[info.name] = None
@@ -208,6 +209,7 @@ def _with_precision_pass(source: Source, options: BuildOptions, by_engine: bool 
     """The passes asked for (or the family's defaults), plus ``quantize-int8`` for ``--precision int8``
     (not when the backend quantizes itself, ``by_engine``: OpenVINO)."""
     names = tuple(source.default_passes if options.passes is None else options.passes)
+    check_precision_passes(options.precision, names)
     extra = None if by_engine else PASS_PRECISIONS.get(options.precision)
     return names + (extra,) if extra and extra not in names else names
 
@@ -215,10 +217,10 @@ def _with_precision_pass(source: Source, options: BuildOptions, by_engine: bool 
 def _check_precision_target(options: BuildOptions) -> None:
     if options.target == "openvino":  # its backend's for_precision says which precisions it compiles
         return
-    if options.precision in PASS_PRECISIONS and (options.target != "onnx" or options.device != "cpu"):
+    if options.precision in ORT_CPU_PRECISIONS and (options.target != "onnx" or options.device != "cpu"):
         raise BadInputError(f"--precision {options.precision} builds integer GEMMs for ONNX Runtime on CPU; "
                             f"found --target {options.target} --device {options.device}",
-                            "use --target onnx --device cpu, or --passes quantize-w8a16 (int8 weights) "
+                            "use --target onnx --device cpu, or --precision w8a16 (int8 weights) "
                             "for the other targets")
 
 

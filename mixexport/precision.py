@@ -18,9 +18,13 @@ Runtime support on CPU (measured on the tiny rankmixer, onnxruntime 1.32): fp16 
 Runtime's CPU provider; bf16 ONNX does not (no CPU kernel for bf16 ``Mul``), so bf16 bundles need
 the CUDA provider or ``--target aoti``; AOTInductor runs both on CPU.
 
-``int8`` is of another kind: the program stays float32 and the build adds the ONNX pass
-``quantize-int8`` (int8 weights and activations, integer GEMMs: :mod:`mixexport.passes.quantize_int8`),
-so it needs an ONNX Runtime target on CPU; the pass sets the bundle's precision to ``int8``.
+``int8`` and ``w8a16`` are of another kind: the program stays float32 and the build adds an ONNX
+pass. ``int8`` adds ``quantize-int8`` (int8 weights and activations, integer GEMMs:
+:mod:`mixexport.passes.quantize_int8`), so it needs an ONNX Runtime target on CPU; ``w8a16`` adds
+``quantize-w8a16`` (int8 weights, float activations), which runs on every ONNX target (onnx, trt,
+trt-rtx). The pass sets the bundle's precision. The passes stay available on their own for
+composition (``--precision fp16 --passes quantize-w8a16``: fp16 activations, int8 weights); asking for
+both quantizations at once is refused (:func:`check_precision_passes`).
 """
 
 from __future__ import annotations
@@ -34,17 +38,34 @@ import numpy as np
 from mixexport.bundle import Bundle
 from mixexport.errors import BadInputError
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "w8a16", "int8")
 #: Precisions reached by an ONNX pass rather than by casting the program: ``int8`` keeps the
-#: program float32 and adds ``quantize-int8`` (integer GEMMs on ONNX Runtime CPU).
-PASS_PRECISIONS = {"int8": "quantize-int8"}
+#: program float32 and adds ``quantize-int8`` (integer GEMMs on ONNX Runtime CPU), ``w8a16`` adds
+#: ``quantize-w8a16`` (int8 weights dequantized in the graph: every ONNX target).
+PASS_PRECISIONS = {"int8": "quantize-int8", "w8a16": "quantize-w8a16"}
+#: Pass precisions whose kernels only ONNX Runtime on CPU runs (integer GEMMs).
+ORT_CPU_PRECISIONS = ("int8",)
+
+
+def check_precision_passes(precision: str, passes: tuple[str, ...]) -> None:
+    """Refuse ``--precision`` together with a quantization pass that contradicts it: int8 weights
+    and activations and W8A16 (int8 weights, float activations) are two answers to one question."""
+    quantize = [p for p in passes if p in PASS_PRECISIONS.values()]
+    wanted = PASS_PRECISIONS.get(precision)
+    other = [p for p in quantize if p != wanted]
+    if len(set(quantize)) > 1 or (wanted and other):
+        both = sorted(set(quantize) | ({wanted} if wanted else set()))
+        raise BadInputError(f"--precision {precision} with --passes {','.join(quantize)}: {' and '.join(both)} "
+                            "each quantize the weights, only one can", "give --precision int8 or --precision "
+                            "w8a16 (each adds its pass), not both quantizations")
 
 
 def torch_dtype(precision: str) -> Any:
     """The torch dtype of a ``--precision`` value."""
     import torch
 
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "w8a16": torch.float32,
+             "int8": torch.float32}
     try:
         return table[precision]
     except KeyError:
@@ -136,7 +157,7 @@ def cast_bundle(bundle: Bundle, precision: str, by_hint: bool = False) -> Bundle
     """The program-stage bundle with every segment's program cast to ``precision``.
 
     Runs before any pass (the bundle must be at the program stage). ``fp32`` returns the bundle as
-    it is, and so does ``int8`` (its pass, ``quantize-int8``, quantizes the float32 ONNX). Example
+    it is, and so do ``int8`` and ``w8a16`` (their passes quantize the float32 ONNX). Example
     inputs for the re-export come from the source (valid ids, batch 5). ``by_hint``: the target
     compiles the float32 graph at ``precision`` itself (OpenVINO: ``INFERENCE_PRECISION_HINT`` for
     bf16, NNCF quantization for int8), so the program stays float32, no pass is added, and only the
@@ -163,6 +184,8 @@ def cast_bundle(bundle: Bundle, precision: str, by_hint: bool = False) -> Bundle
                                 f"{seg.role} segment", "cast before split-user-item")
         example = {s.name: rows[s.name] for s in seg.inputs}
         minimums = dim_minimums(seg.program, input_dim_names(seg.program, seg.inputs, multiples))
-        program = cast_program(seg.program, precision, example, dynamic_shapes(seg.inputs, multiples, minimums))
+        minimums = {**bundle.source.minimums, **minimums}
+        dynamic = dynamic_shapes(seg.inputs, multiples, minimums, bundle.source.maximums)
+        program = cast_program(seg.program, precision, example, dynamic)
         segments.append(dataclasses.replace(seg, program=program))
     return bundle.replace(segments=tuple(segments), precision=precision)

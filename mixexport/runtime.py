@@ -24,6 +24,7 @@ from mixexport.bundle import Manifest, SegmentEntry, read_manifest
 from mixexport.caches import DEFAULT_CACHE_BYTES, SequenceCache, UserStateCache, user_state
 from mixexport.checked_load import open_sessions, read_segments
 from mixexport.errors import BadInputError, IntegrityError
+from mixexport.program.shapes import check_maximums
 from mixexport.source import Source
 from mixexport.specs import Request, TensorSpec, check_feeds
 
@@ -35,7 +36,7 @@ class Runtime:
                  cache_bytes: int = DEFAULT_CACHE_BYTES, name: str = "bundle",
                  caches: list[dict[str, Any]] | tuple[dict[str, Any], ...] = (),
                  multiples: Mapping[str, Any] | None = None, minimums: Mapping[str, int] | None = None,
-                 tables: Any = None) -> None:
+                 tables: Any = None, maximums: Mapping[str, int] | None = None) -> None:
         self.inputs = inputs
         self.tables = tables  # externalized embedding tables (mixexport.tables): ids → rows inputs
         self.outputs = outputs
@@ -44,6 +45,7 @@ class Runtime:
         self.name = name
         self.multiples = {k: tuple(v) for k, v in (multiples or {}).items()}
         self.minimums = dict(minimums or {})  # e.g. groups >= recent: the model reads that many positions
+        self.maximums = dict(maximums or {})  # a .pt2's Dim("seq", max=200): the program runs up to there
         self.cache = UserStateCache(cache_bytes)  # user-segment outputs per user (mixexport.caches)
         self.sequences = SequenceCache(caches[0] if caches else None, cache_bytes, self.minimums)
         self.trace: dict[str, dict[str, np.ndarray]] | None = None  # set to record each segment's feeds
@@ -62,7 +64,7 @@ class Runtime:
     @classmethod
     def open(cls, bundle: str | Path | Manifest, backend: str | None = None, device: str = "cpu",
              cache_bytes: int = DEFAULT_CACHE_BYTES, verify_files: bool = True,
-             manifest_sha256: str | None = None) -> Runtime:
+             manifest_sha256: str | None = None, tables: str | None = None) -> Runtime:
         """Load every segment of a bundle directory with ``backend`` (default: the manifest's).
 
         Before any session is created, every file a backend is about to load (ONNX files and their
@@ -76,6 +78,8 @@ class Runtime:
         manifest you trust. Cost: ``benchmarks/open_cost.py`` (docs/security.md gives the numbers:
         reading and hashing the bytes once and handing them over costs more than hashing the paths
         and letting ONNX Runtime reopen them).
+        ``tables`` picks the table store of a bundle with externalized tables: ``None``/``"local"``
+        (its part files) or ``redis://HOST:PORT[,…]`` (Redis Cluster, docs/tables.md).
         """
         from mixexport.backends import get_backend
 
@@ -86,14 +90,19 @@ class Runtime:
         backends = {seg.name: get_backend(backend or seg.backend, device) for seg in manifest.segments}
         # every file read once and checked before the first session, which gets those bytes
         checked = read_segments(manifest, backends, hashes=verify_files)
-        from mixexport.tables.stores.local import open_tables
+        from mixexport.tables.open import open_store
 
-        tables = open_tables(manifest, verify_files)  # part files checked like the segments' files
-        sessions = open_sessions(manifest, backends, checked)
+        store = open_store(manifest, tables, verify_files)  # local part files checked like the segments' files
+        try:
+            sessions = open_sessions(manifest, backends, checked)
+        except BaseException:
+            if store is not None:
+                store.close()
+            raise
         return cls(manifest.inputs, manifest.outputs, manifest.segments, sessions, cache_bytes,
                    name=backend or manifest.segments[0].backend, caches=manifest.data.get("caches", []),
                    multiples=manifest.data["model"].get("multiples"), minimums=manifest.data["model"].get("minimums"),
-                   tables=tables)
+                   tables=store, maximums=manifest.data["model"].get("maximums"))
 
     @classmethod
     def reference(cls, source: Source) -> Runtime:
@@ -104,7 +113,7 @@ class Runtime:
                            inputs=source.inputs, outputs=source.outputs)
         return cls(source.inputs, source.outputs, (seg,),
                    {"reference": EagerBackend().prepare_reference(source)}, name="eager",
-                   multiples=source.multiples, minimums=source.minimums)
+                   multiples=source.multiples, minimums=source.minimums, maximums=source.maximums)
 
     def close(self) -> None:
         """Close every segment's session — each releases what it holds (ONNX Runtime sessions,
@@ -141,7 +150,9 @@ class Runtime:
                 raise BadInputError(f"the {name} axis is {bound[name]}, expected at least {lo * k}"
                                     + (f" ({lo} {dim} of {k} items)" if k > 1 else ""),
                                     "pad the sequence on the left with id 0")
-        candidates = check_feeds(self._item_specs, request.item, what="item input").get("batch")
+        item_bound = check_feeds(self._item_specs, request.item, what="item input")
+        candidates = item_bound.get("batch")
+        check_maximums({**bound, **item_bound}, self.maximums)
         idx = request.user_index
         if not isinstance(idx, np.ndarray) or idx.dtype != np.int64 or idx.ndim != 1:
             raise BadInputError("user_index must be an int64 vector [N]",

@@ -15,8 +15,12 @@ import numpy as np
 import torch
 
 from mixexport.errors import BadInputError
+from mixexport.program.outputs import flat_outputs, output_names
+from mixexport.program.shapes import concrete_shape, example_size, output_shape, program_dims
 from mixexport.pt2 import is_pt2, load_program
-from mixexport.specs import INPUT_ROLES, Request, TensorSpec, role_from_name
+from mixexport.program.id_ranges import compat_vocab, id_notes
+from mixexport.program.ids import find_id_ranges
+from mixexport.specs import INPUT_ROLES, Request, TensorSpec, random_ids, role_from_name
 
 EXAMPLE_BATCH = 5  # odd on purpose: avoids torch.export's 0/1 specialisation and clashes with T or D
 
@@ -36,6 +40,7 @@ class Source:
     notes: tuple[str, ...] = ()
     multiples: dict[str, tuple[str, int]] = field(default_factory=dict)  # "seq" -> ("groups", K): seq = K·groups
     minimums: dict[str, int] = field(default_factory=dict)  # "groups" -> k: the model needs >= k positions
+    maximums: dict[str, int] = field(default_factory=dict)  # "seq" -> 200: a .pt2's Dim(max=200)
 
     @property
     def dataset(self) -> str | None:
@@ -58,13 +63,20 @@ class Source:
             return self.module.example_inputs(rows, seed)  # type: ignore[operator]
         rng = np.random.default_rng(seed)
         feeds = {}
+        sizes = self.dim_sizes(seq_len)
         for s in self.inputs:
-            shape = tuple(rows if isinstance(d, str) else d for d in s.shape)
-            if s.dtype.startswith("int"):
-                feeds[s.name] = rng.integers(0, s.vocab or 1, size=shape).astype(s.dtype)
+            shape = concrete_shape(s.shape, rows, sizes)
+            if s.dtype.startswith("int"):  # across each column's range, the padding id among them
+                feeds[s.name] = random_ids(s, shape, rng, padding=True)
             else:
                 feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
         return feeds
+
+    def dim_sizes(self, seq_len: int | None = None) -> dict[str, int]:
+        """Sizes of a program's named non-batch axes in example inputs, inside their ranges;
+        ``seq_len`` sizes the ``seq`` axis (see :mod:`mixexport.program.shapes`)."""
+        axes = {d for s in self.inputs for d in s.shape if isinstance(d, str) and d != "batch" and d.isidentifier()}
+        return {a: example_size(a, self.minimums, self.maximums, seq_len if a == "seq" else None) for a in axes}
 
     def example_request(self, users: int, candidates: int, seed: int = 0, seq_len: int | None = None) -> Request:
         """U users × N candidates; user_index interleaves the users (0,1,..,U-1,0,1,..)."""
@@ -128,9 +140,11 @@ def load_source(path: str | Path, roles: Mapping[str, str] | None = None) -> Sou
 
 
 def _load_program(path: Path, roles: Mapping[str, str]) -> Source:
+    from mixexport.program.eager_check import check_eager
+
     loaded = load_program(path)  # read once, checked, rebuilt: see mixexport/pt2/archive.py
     try:
-        return _program_source(path, loaded.program, loaded.sha256, roles)
+        source = _program_source(path, loaded.program, loaded.sha256, roles)
     except BadInputError:
         raise
     except Exception as e:  # noqa: BLE001 - torch accepted a malformed program (e.g. a null input
@@ -138,6 +152,8 @@ def _load_program(path: Path, roles: Mapping[str, str]) -> Source:
         first = (str(e).strip().splitlines() or [""])[0]
         raise BadInputError(f"{path}: the program loads but is malformed: {type(e).__name__}: {first[:200]}",
                             "re-export it with torch.export.save") from None
+    check_eager(source)  # before any export: a model that fails in eager is refused with eager's error
+    return source
 
 
 def _program_source(path: Path, ep: torch.export.ExportedProgram, sha256: str,
@@ -159,40 +175,29 @@ def _program_source(path: Path, ep: torch.export.ExportedProgram, sha256: str,
                             "user_, item_ or seq_",
                             "rename the forward() arguments, or pass --roles NAME=user|item|sequence")
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-    vocab = _embedding_vocab(ep)
-    specs, batch_sym = [], None
+    ids = find_id_ranges(ep)  # through casts, offsets, clamps and hashing (mixexport/program/ids.py)
+    dims = program_dims(ep, names, resolved)  # named symbolic axes and their ranges
+    specs = []
     for name in names:
         val = placeholders[name].meta["val"]
-        dims: list[int | str] = []
-        for i, d in enumerate(val.shape):
-            if isinstance(d, torch.SymInt):
-                sym = str(d)
-                batch_sym = batch_sym or (sym if i == 0 else None)
-                dims.append("batch" if (i == 0 or sym == batch_sym) else sym)
-            else:
-                dims.append(int(d))
-        specs.append(TensorSpec(name, str(val.dtype).replace("torch.", ""), tuple(dims), resolved[name],
-                                vocab=vocab.get(name)))
+        specs.append(TensorSpec(name, str(val.dtype).replace("torch.", ""), dims.shapes[name], resolved[name],
+                                vocab=compat_vocab(ids.get(name)), ids=ids.get(name)))
     notes = []
     if any(s.shape and not isinstance(s.shape[0], str) for s in specs):
         raise BadInputError(f"{path}: the program's batch axis is static "
                             f"({[(s.name, s.shape) for s in specs]})",
                             "export with dynamic_shapes={name: {0: torch.export.Dim('batch')}} for every input")
-    for s in specs:
-        if s.dtype.startswith("int") and s.vocab is None:
-            notes.append(f"int input {s.name}: vocabulary unknown (not read by an embedding); example "
-                         "inputs use id 0; pass --data for real inputs")
+    notes += id_notes(tuple(specs))
     module = _named_inputs_module(ep, names)
     outs = list(ep.graph_signature.user_outputs)
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
-    out_vals = [a.meta.get("val") for a in out_node.args[0]]
-    out_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+    out_vals = [getattr(a, "meta", {}).get("val") for a in out_node.args[0]]
+    # dict, tuple, list or nested outputs: flat and named by their keys (mixexport/program/outputs.py)
+    out_names = output_names(ep.call_spec.out_spec, len(outs))
     outputs = tuple(TensorSpec(n, str(v.dtype).replace("torch.", "") if v is not None else "float32",
-                               ("batch",) + tuple(int(d) if not isinstance(d, torch.SymInt) else "batch"
-                                                  for d in (v.shape[1:] if v is not None else ())),
-                               "output") for n, v in zip(out_names, out_vals))
+                               output_shape(v, dims), "output") for n, v in zip(out_names, out_vals))
     return Source(kind="program", path=path, sha256=sha256, inputs=tuple(specs), outputs=outputs,
-                  module=module, metadata={}, notes=tuple(notes))
+                  module=module, metadata={}, notes=tuple(notes), minimums=dims.minimums, maximums=dims.maximums)
 
 
 def _named_inputs_module(ep: torch.export.ExportedProgram, names: list[str]) -> torch.nn.Module:
@@ -214,8 +219,8 @@ def _named_inputs_module(ep: torch.export.ExportedProgram, names: list[str]) -> 
         def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
             bound = dict(zip(names, args), **kwargs)
             if positional:
-                return self.inner(*[bound[n] for n in names])
-            return self.inner(**{n: bound[n] for n in names})
+                return flat_outputs(self.inner(*[bound[n] for n in names]))
+            return flat_outputs(self.inner(**{n: bound[n] for n in names}))
 
     # torch.export binds inputs through the signature: give forward the program's input names
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["self", *names]]
@@ -223,22 +228,13 @@ def _named_inputs_module(ep: torch.export.ExportedProgram, names: list[str]) -> 
     return NamedInputs()  # no .eval(): an unlifted program refuses train()/eval() switches
 
 
-def _embedding_vocab(ep: torch.export.ExportedProgram) -> dict[str, int]:
-    """Vocab sizes of int inputs that index an embedding table directly."""
-    vocab: dict[str, int] = {}
-    for node in ep.graph.nodes:
-        if node.op == "call_function" and node.target in (torch.ops.aten.embedding.default,):
-            weight, idx = node.args[0], node.args[1]
-            if getattr(idx, "op", None) == "placeholder" and "val" in weight.meta:
-                vocab[idx.name] = min(vocab.get(idx.name, 1 << 62), int(weight.meta["val"].shape[0]))
-    return vocab
-
-
 def dynamic_shapes(specs: tuple[TensorSpec, ...], multiples: Mapping[str, tuple[str, int]] | None = None,
-                   minimums: Mapping[str, int] | None = None) -> dict[str, dict[int, Any]]:
+                   minimums: Mapping[str, int] | None = None,
+                   maximums: Mapping[str, int] | None = None) -> dict[str, dict[int, Any]]:
     """torch.export ``dynamic_shapes`` for inputs named by ``specs``: every symbolic axis becomes a
-    named Dim shared across inputs; ``multiples`` derives axes (``seq`` = K · ``groups``) and
-    ``minimums`` gives lower bounds (e.g. what the original program's range constraints proved)."""
+    named Dim shared across inputs; ``multiples`` derives axes (``seq`` = K · ``groups``),
+    ``minimums`` gives lower bounds (e.g. what the original program's range constraints proved) and
+    ``maximums`` upper bounds (a ``.pt2``'s ``Dim("seq", max=200)``)."""
     dims: dict[str, Any] = {}
 
     def dim(name: str) -> Any:
@@ -247,7 +243,9 @@ def dynamic_shapes(specs: tuple[TensorSpec, ...], multiples: Mapping[str, tuple[
                 base, k = multiples[name]
                 dims[name] = dim(base) if k == 1 else k * dim(base)  # 1·Dim would be a second Dim
             elif name.isidentifier():
-                dims[name] = torch.export.Dim(name, min=max(1, (minimums or {}).get(name, 1)))
+                hi = (maximums or {}).get(name)
+                dims[name] = (torch.export.Dim(name, min=max(1, (minimums or {}).get(name, 1))) if hi is None
+                              else torch.export.Dim(name, min=max(1, (minimums or {}).get(name, 1)), max=int(hi)))
             else:  # a linear expression of one named dim, e.g. "groups + 3"
                 import sympy
 
@@ -264,7 +262,7 @@ def export_program(source: Source, rows: int = EXAMPLE_BATCH) -> torch.export.Ex
     """``torch.export`` the reference: a dynamic ``batch`` axis shared by every input, plus any other
     symbolic axis its specs declare (e.g. a variable-length behaviour sequence)."""
     feeds = {k: torch.from_numpy(v) for k, v in source.example_feeds(rows, seed=1234).items()}
-    dynamic = dynamic_shapes(source.inputs, source.multiples, source.minimums)
+    dynamic = dynamic_shapes(source.inputs, source.multiples, source.minimums, source.maximums)
     try:
         return torch.export.export(source.module, (), kwargs=feeds, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # noqa: BLE001 - report torch's reason in one line

@@ -25,31 +25,92 @@ Dim = int | str
 
 
 @dataclass(frozen=True)
+class IdRange:
+    """The ids one column of an integer input may hold: ``low <= id < high``.
+
+    ``high`` None means no upper bound: the model maps every id into its table itself (``x % rows``
+    hashing, a clamp), so any id from ``low`` up is served as eager serves it. ``rows`` is the size
+    of the table the column indexes (how wide example ids are drawn for an open range), ``padding``
+    the id the model pads with (an embedding's ``padding_idx``), ``via`` how the range was found.
+    Ids are never negative: ``low`` is at least 0 even where the model would accept less.
+    """
+
+    low: int = 0
+    high: int | None = None
+    rows: int | None = None
+    padding: int | None = None
+    via: str = ""
+
+    def allows(self) -> str:
+        """The range as a condition, for messages: ``0 <= id < 50`` or ``id >= 0``."""
+        return f"{self.low} <= id < {self.high}" if self.high is not None else f"id >= {self.low}"
+
+    def width(self) -> int:
+        """How many ids example requests draw from (an open range: three table widths, so hashed or
+        clamped ids beyond the table are exercised too)."""
+        if self.high is not None:
+            return self.high - self.low
+        return 3 * max(self.rows or 1, 1)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"low": self.low, "high": self.high}
+        extra = (("rows", self.rows), ("padding", self.padding), ("via", self.via))
+        d.update({k: v for k, v in extra if v not in (None, "")})
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> IdRange:
+        return cls(low=int(d.get("low", 0)), high=None if d.get("high") is None else int(d["high"]),
+                   rows=d.get("rows"), padding=d.get("padding"), via=str(d.get("via", "")))
+
+
+#: one range for every element, or one per last-axis column; None for a column no range was found for
+IdRanges = tuple[IdRange | None, ...]
+
+
+@dataclass(frozen=True)
 class TensorSpec:
-    """Name, dtype (numpy name), shape with symbolic dims, role, and for ids the vocabulary size."""
+    """Name, dtype (numpy name), shape with symbolic dims, role, and for ids their valid ranges."""
 
     name: str
     dtype: str
     shape: tuple[Dim, ...]
     role: str
     vocab: int | tuple[int, ...] | None = None  # id range: one bound, or one per last-axis column
+    # id ranges found in the graph (mixexport.program.ids); older manifests carry ``vocab`` only,
+    # which reads as 0 <= id < vocab (see :meth:`id_ranges`)
+    ids: IdRanges | None = None
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
                              "role": self.role}
         if self.vocab is not None:
             d["vocab"] = list(self.vocab) if isinstance(self.vocab, tuple) else self.vocab
+        if self.ids is not None:
+            d["ids"] = [None if r is None else r.to_json() for r in self.ids]
         return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> TensorSpec:
         vocab = d.get("vocab")
+        ids = d.get("ids")
         return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]), role=d["role"],
-                   vocab=tuple(vocab) if isinstance(vocab, list) else vocab)
+                   vocab=tuple(vocab) if isinstance(vocab, list) else vocab,
+                   ids=None if ids is None else tuple(None if r is None else IdRange.from_json(r) for r in ids))
 
     @property
     def user_side(self) -> bool:
         return self.role in USER_SIDE_ROLES
+
+    def id_ranges(self) -> IdRanges | None:
+        """The valid ids: the graph's ranges, else ``vocab`` read as ``0 <= id < vocab`` (id 0 pads),
+        else None (not an id input, or nothing could be found)."""
+        if self.ids is not None:
+            return self.ids
+        if self.vocab is None:
+            return None
+        bounds = self.vocab if isinstance(self.vocab, tuple) else (self.vocab,)
+        return tuple(IdRange(0, int(b), rows=int(b), padding=0, via="vocab") for b in bounds)
 
 
 def role_from_name(name: str) -> str | None:
@@ -178,29 +239,69 @@ def check_feeds(specs: tuple[TensorSpec, ...], feeds: Mapping[str, np.ndarray],
             bad = np.argwhere(~np.isfinite(arr))[0].tolist()
             raise BadInputError(f"{what} {s.name!r} holds NaN/Inf (first at index {bad})",
                                 "clean the features before scoring: NaN/Inf would propagate to the scores")
-        if s.vocab is not None and arr.size:
-            upper = np.asarray(s.vocab, dtype=np.int64)
-            if arr.min() < 0 or (arr >= upper).any():
-                where = np.argwhere((arr < 0) | (arr >= upper))[0].tolist()
-                raise BadInputError(f"{what} {s.name!r}: id {int(arr[tuple(where)])} at index {where} is "
-                                    f"outside its vocabulary (expected 0 <= id < {_bound_at(s.vocab, where)})",
-                                    "map unknown ids to a valid id (e.g. 0) before scoring")
+        ranges = s.id_ranges()
+        if ranges is not None and arr.size:
+            _check_ids(s, arr, ranges, what)
     return bound
 
 
-def random_ids(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Random non-padding ids of ``spec`` (1 <= id < its vocabulary, per last-axis column when it has
-    one bound per column; id 0 pads, and is the only id of a 1-id vocabulary), in its dtype: e.g.
-    new behaviours for a sequence input."""
-    upper = np.asarray(spec.vocab if spec.vocab is not None else 2, dtype=np.int64)
-    low = (upper > 1).astype(np.int64)
-    if not upper.ndim:
-        low, upper = int(low), int(upper)
-    return rng.integers(low, upper, size=shape).astype(spec.dtype)
+def _check_ids(s: TensorSpec, arr: np.ndarray, ranges: IdRanges, what: str) -> None:
+    """Refuse ids outside their column's range, naming the column, how many, and the range: an
+    ONNX Gather would wrap -1 to the last row, and a hashed or clamped id must still be >= 0."""
+    columns = len(ranges)
+    if columns > 1 and (arr.ndim < 2 or arr.shape[-1] != columns):
+        return  # the shape check above already refused a wrong last axis
+    lo = np.asarray([r.low if r is not None else np.iinfo(np.int64).min for r in ranges], dtype=np.int64)
+    hi = np.asarray([r.high - 1 if r is not None and r.high is not None else np.iinfo(np.int64).max
+                     for r in ranges], dtype=np.int64)
+    values = arr.reshape(-1, columns).astype(np.int64, copy=False)
+    bad = (values < lo) | (values > hi)
+    if not bad.any():
+        return
+    flat = int(np.flatnonzero(bad.ravel())[0])
+    where = [int(i) for i in np.unravel_index(flat, arr.shape)] if arr.ndim else []
+    col = flat % columns
+    r = ranges[col]
+    if r is None:  # an unknown column's bounds are the int64 limits: nothing is outside them
+        return
+    count, total = (int(bad[:, col].sum()), int(bad.sum())) if columns > 1 else (int(bad.sum()),) * 2
+    column = f" column {col}" if columns > 1 else ""
+    others = f"; {total - count} more in other columns" if total > count else ""
+    raise BadInputError(f"{what} {s.name!r}{column}: {count} id{'s' if count > 1 else ''} outside its vocabulary "
+                        f"(expected {r.allows()}), first {int(arr.reshape(-1)[flat])} at index {where}{others}",
+                        "map unknown ids into the range (e.g. to the padding id) before scoring: "
+                        "ids are never wrapped or clamped")
 
 
-def _bound_at(vocab: int | tuple[int, ...], index: list[int]) -> int:
-    return vocab if isinstance(vocab, int) else vocab[index[-1]]
+def random_ids(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator,
+               padding: bool = False) -> np.ndarray:
+    """Random ids of ``spec`` across its whole range (per last-axis column when it has one range per
+    column), in its dtype. ``padding=False``: never the padding id (e.g. new behaviours for a
+    sequence input; a 1-id range keeps its one id). ``padding=True``: about one id in eight is the
+    padding id (the range's low end where none is declared), so masked positions are checked
+    too, but never only them. A column without a range gets id 0 (the caller warns)."""
+    ranges = spec.id_ranges() or (None,)
+    columns = len(ranges)
+    if columns > 1:
+        if not shape or shape[-1] != columns:
+            raise BadInputError(f"{spec.name!r}: {columns} id ranges for a last axis of {shape[-1:] or 'none'}",
+                                "the manifest's ids must have one entry per column")
+        return np.stack([_draw(r, shape[:-1], rng, padding) for r in ranges], axis=-1).astype(spec.dtype)
+    return _draw(ranges[0], shape, rng, padding).astype(spec.dtype)
+
+
+def _draw(r: IdRange | None, shape: tuple[int, ...], rng: np.random.Generator, padding: bool) -> np.ndarray:
+    if r is None:
+        return np.zeros(shape, dtype=np.int64)
+    width = max(r.width(), 1)
+    pad = r.padding if r.padding is not None and r.low <= r.padding < r.low + width else r.low
+    if not padding:
+        if width == 1:
+            return np.full(shape, r.low, dtype=np.int64)
+        ids = rng.integers(r.low, r.low + width - 1, size=shape, dtype=np.int64)
+        return ids + (ids >= pad)  # skip the padding id
+    ids = rng.integers(r.low, r.low + width, size=shape, dtype=np.int64)
+    return np.where(rng.random(shape) < 0.125, pad, ids)
 
 
 def describe(s: TensorSpec) -> str:

@@ -19,7 +19,7 @@ from mixexport.passes import PassInfo
 from mixexport.runtime import Runtime
 from mixexport.source import Source, export_program
 from mixexport.specs import Request
-from mixexport.verification.compare import compare_outputs, resolve_tolerances
+from mixexport.verification.compare import compare_outputs, gate_precision, resolve_tolerances
 
 Progress = Callable[[str], None]
 
@@ -126,8 +126,8 @@ class BuildPlan:
 
     def record(self, stage: str, bundle: Bundle) -> None:
         """Ledger row: error vs eager after ``stage``, at the tolerances of the bundle's precision."""
-        tol = resolve_tolerances([s.name for s in self.source.outputs], bundle.precision, self.options.atol,
-                                 self.options.rtol)
+        held = gate_precision(bundle.precision, [t.entry.dtype for t in bundle.tables])
+        tol = resolve_tolerances([s.name for s in self.source.outputs], held, self.options.atol, self.options.rtol)
         self.ledger.append(ledger_entry(stage, bundle, self.request, self.expected, tol))
 
     def dump(self, stage: str, bundle: Bundle) -> None:

@@ -52,7 +52,7 @@ def write_segments(plan: BuildPlan, bundle: Bundle, writer: BundleWriter) -> dic
         "versions": library_versions(),
         "model": {"family": source.family, "config": source.config, "params": source.params,
                   "source": source.info(), "roles": options.roles or None, "multiples": source.multiples,
-                  "minimums": source.minimums,
+                  "minimums": source.minimums, **({"maximums": source.maximums} if source.maximums else {}),
                   "inputs": [s.to_json() for s in source.inputs],
                   "outputs": [s.to_json() for s in source.outputs]},
         "target": options.target, "device": options.device, "precision": bundle.precision,

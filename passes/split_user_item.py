@@ -19,6 +19,13 @@ Cases handled:
   fails as a check (exit 1); the build's stage ledger and ``verify`` repeat that against the eager
   model.
 
+Models that are not mixers split the same way when their user side does real work before it meets
+the candidate: a DIN's user tower and the embeddings and mask of its behaviour history become the
+user segment, its target attention (which reads the candidate) the item segment; a two-tower model's
+user tower is the user segment and the item tower with the dot product the item segment. Models that
+join user and item features before any matrix multiply (DeepFM's stacked fields, DCN-v2's ``x_0``,
+MMoE/PLE's shared input, BST's candidate inside the sequence) are refused, naming the edge.
+
 Report: FLOPs per user (user segment), per candidate (item segment) and per row (unsplit); the
 boundary tensors with their bytes per user; the predicted speed-up ``N·F / (F_user + N·F_item)``
 at N ∈ {1, 16, 64, 256, 1024}; ``sparse_reads``: every TopK-selected memory read (a TopK whose
@@ -42,9 +49,10 @@ import torch
 
 from mixexport.bundle import Bundle, Segment
 from mixexport.errors import PreconditionError
-from mixexport.partition import (USER_INDEX, Analysis, SegmentBuilder, analyze, batch_axis, boundary,
-                                 check_composition, describe_node, export_segment, gather_rows, rename_batch,
-                                 run_program, segment_flops, single_full_segment, tensor_spec)
+from mixexport.partition import (PREDICT_AT, USER_INDEX, Analysis, SegmentBuilder, analyze, batch_axis, boundary,
+                                 check_composition, describe_node, export_segment, gather_rows, predicted_speedup,
+                                 rename_batch, role_flops, run_program, segment_flops, single_full_segment,
+                                 tensor_spec)
 from mixexport.passes import PassInfo, PassResult
 from mixexport.passes.options import SplitUserItemOptions as Options
 from mixexport.specs import TensorSpec
@@ -52,7 +60,6 @@ from mixexport.specs import TensorSpec
 MATMUL_TARGETS = {torch.ops.aten.matmul.default, torch.ops.aten.linear.default, torch.ops.aten.mm.default,
                   torch.ops.aten.bmm.default, torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default,
                   torch.ops.aten.scaled_dot_product_attention.default}
-PREDICT_AT = (1, 16, 64, 256, 1024)
 CHECK_SEED = 11  # the sample request (2 users x 5 candidates) the segments are exported and checked on
 
 
@@ -93,10 +100,28 @@ def requires(bundle: Bundle) -> None:
     sparse = "".join(f"; the memory read at {r['topk']} is {r['side']}-side" for r in _sparse_reads(a))
     raise PreconditionError(
         f"split-user-item needs user-only computation past the embeddings (user tokens kept in their "
-        f"own tensors, as in UG-Sep or UI-MixFormer's user heads); found {n_user} user-side ops reading "
+        f"own tensors, as in UG-Sep or UI-MixFormer's user heads, a two-tower user tower or a DIN's user "
+        f"tower and history); found {n_user} user-side ops reading "
         f"the user inputs {sorted(sources)} and none is a matrix multiply: {where}{also}{sparse}",
-        "use a model whose user tokens stay separate (family ugsep, or mixformer with ui=true), or build "
-        "without this pass")
+        "use a model whose user tokens stay separate (family ugsep, or mixformer with ui=true; in your own "
+        "model, a user tower that runs before user and item features are joined), or build without this pass")
+
+
+def predict(bundle: Bundle) -> dict[str, Any]:
+    """What the split would save, without cutting the graph (``mixexport inspect``): FLOPs per user
+    (the user-side nodes) and per candidate (the item-side ones) on one sample row, their share, and
+    the predicted speed-up ``N·F / (F_user + N·F_item)`` at N ∈ PREDICT_AT, the formula the pass's
+    report uses on the segments it cut. Call it where :func:`requires` holds."""
+    seg = bundle.segments[0]
+    a = analyze(seg.program, seg.inputs)
+    rows = {k: v[:1] for k, v in bundle.source.example_request(1, 1, seed=CHECK_SEED).rows().items()}
+    flops = role_flops(a, rows)
+    f_full = sum(flops.values())
+    return {"flops_per_row_unsplit": f_full, "flops_per_user": flops["user"],
+            "flops_per_candidate": flops["item"] + flops["const"],
+            "user_share_of_flops": flops["user"] / f_full if f_full else 0.0,
+            "boundary_tensors": len(boundary(a)),
+            "predicted_speedup": predicted_speedup(f_full, flops["user"], flops["item"] + flops["const"], PREDICT_AT)}
 
 
 def user_input_reads(a: Analysis) -> dict[Any, set[str]]:
@@ -171,8 +196,7 @@ def _report(a: Analysis, seg: Segment, user_ep: Any, item_ep: Any, user_specs: t
         "boundary": [{"name": s.name, "from_node": n.name, "shape": list(s.shape), "dtype": s.dtype,
                       "bytes_per_user": per_user_bytes[s.name]} for s, n in zip(state_specs, cut)],
         "boundary_bytes_per_user": sum(per_user_bytes.values()),
-        "predicted_speedup": {str(n): (n * f_full) / (f_user + n * f_item) if f_user + n * f_item else None
-                              for n in PREDICT_AT},
+        "predicted_speedup": predicted_speedup(f_full, f_user, f_item),
         "sparse_reads": _sparse_reads(a),
     }
 

@@ -30,6 +30,8 @@ from mixexport.testing.fuzz import (COMBOS, INT8, INT8_COMBOS, KV, PACK, QUANT, 
 from mixexport.models import create_model
 from mixexport.models.common import random_feeds
 from tests.trt_rtx import require_trt_rtx, trt_rtx_reason
+from mixexport.testing.program_fuzz import generate_program_cases, run_any_case
+from tests.corpus import fuzz_entries
 
 #: Under pytest-xdist every worker collects every case, and the module's ``results`` fixture submits
 #: the ones collected: one group keeps the fuzz tests (and so those builds) on one worker.
@@ -69,6 +71,11 @@ REGRESSION_CASES = [
 ]
 
 
+# The corpus of users' own architectures (tests/corpus/): cases cycle through its (model, passes,
+# precision) entries that verify, each with a random U x N request whose ids span their ranges.
+CORPUS_CASES = generate_program_cases(fuzz_entries(), 2, CI_SEED)
+
+
 @pytest.fixture(scope="module")
 def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
     """``run_case`` futures for every case the session selected (slice and known bugs), by case id."""
@@ -80,7 +87,7 @@ def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     work = tmp_path_factory.mktemp("fuzz")
     engines = None if trt_rtx_reason() else "tensorrt-rtx"  # each case's segments also built by TensorRT-RTX
     with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield {cid: pool.submit(run_case, case, work / f"case-{n}", False, engines)
+        yield {cid: pool.submit(run_any_case, case, work / f"case-{n}", False, engines)
                for n, (cid, case) in enumerate(wanted.items())}
 
 
@@ -223,3 +230,11 @@ def test_request_modes(tmp_path: Path) -> None:
         assert 0 <= req.user_index.min() and req.user_index.max() < 3 and len(req.user_ids) == 3
         seen.add(tuple(req.user_index))
     assert len(seen) == len(USER_INDEX_MODES)  # four different assignments of candidates to users
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=f"corpus:{c.label}") for c in CORPUS_CASES])
+def test_corpus_program_case(case: Any, results: dict[str, Future], request: pytest.FixtureRequest) -> None:
+    """A user's own program from the corpus builds, verifies and scores its request like eager."""
+    result = results[request.node.callspec.id].result()
+    assert result["passed"], f"{case.describe()}: {result['errors']}"
+    assert result["stage"] == "done" and result["score"]["outputs"]

@@ -43,8 +43,8 @@ def _bad(req: Request, where: str, name: str, value) -> Request:
     ("rank", "'item_dense': expected rank 2"),
     ("static", "'seq_items': axis 1 must be 16, found 15"),
     ("rows", "'item_dense': axis 0 (batch) is 3"),
-    ("oov", "'user_cat': id 3 at index [0, 2] is outside its vocabulary (expected 0 <= id < 3)"),
-    ("negative", "'item_cat': id -1"),
+    ("oov", "'user_cat' column 2: 1 id outside its vocabulary (expected 0 <= id < 3), first 3 at index [0, 2]"),
+    ("negative", "'item_cat' column 0: 1 id outside its vocabulary (expected 0 <= id < 100), first -1 at index [1, 0]"),
     ("nan", "'item_dense' holds NaN/Inf"),
     ("index", "user_index values must be in [0, 2)"),
 ])

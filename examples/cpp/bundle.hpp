@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "ids.hpp"
 #include "npy.hpp"
 #include "sha256.hpp"
 
@@ -326,6 +327,16 @@ struct Request {
   int64_t users = 0, candidates = 0;
 };
 
+// Element i (C order) of an integer array as int64 (0 for other dtypes: they carry no ids).
+inline int64_t int_at(const mixnpy::Array& a, int64_t i) {
+  const char* p = a.data.data() + static_cast<size_t>(i) * a.itemsize;
+  if (a.dtype == "int64") return *reinterpret_cast<const int64_t*>(p);
+  if (a.dtype == "int32") return *reinterpret_cast<const int32_t*>(p);
+  if (a.dtype == "int8") return *reinterpret_cast<const int8_t*>(p);
+  if (a.dtype == "uint8") return *reinterpret_cast<const uint8_t*>(p);
+  return 0;
+}
+
 // Reads and checks a request against the model's input specs (dtype, rank, static dims, row counts,
 // user_index range): a server must reject bad input before it reaches a kernel.
 inline Request load_request(const Bundle& b, const std::string& dir) {
@@ -335,8 +346,10 @@ inline Request load_request(const Bundle& b, const std::string& dir) {
     throw std::runtime_error("user_index.npy must be an int64 vector [N]");
   r.candidates = r.user_index.shape[0];
   r.users = -1;
+  size_t position = 0;
   for (const auto& spec : b.inputs) {
     mixnpy::Array a = mixnpy::read(dir + "/" + spec.name + ".npy");
+    const json& entry = b.data.at("model").at("inputs").at(position++);
     if (a.dtype != spec.dtype)
       throw std::runtime_error("input " + spec.name + ": expected " + spec.dtype + ", found " + a.dtype);
     if (a.shape.size() != spec.shape.size())
@@ -344,6 +357,10 @@ inline Request load_request(const Bundle& b, const std::string& dir) {
     for (size_t k = 1; k < spec.shape.size(); ++k)
       if (std::isdigit(static_cast<unsigned char>(spec.shape[k][0])) && std::stoll(spec.shape[k]) != a.shape[k])
         throw std::runtime_error("input " + spec.name + ": axis " + std::to_string(k) + " must be " + spec.shape[k]);
+    // ids outside their ranges are refused before anything runs (mixexport.specs.check_feeds's message)
+    mixids::check((spec.user_side() ? "user input '" : "item input '") + spec.name + "'", a.shape, a.numel(),
+                  mixids::read(entry, "model.inputs[" + std::to_string(position - 1) + "]"),
+                  [&](int64_t i) { return int_at(a, i); });
     if (spec.user_side()) {
       if (r.users >= 0 && r.users != a.shape[0]) throw std::runtime_error("user inputs disagree on the number of users");
       r.users = a.shape[0];

@@ -22,6 +22,7 @@
 #include <unordered_map>
 
 #include "bundle.hpp"
+#include "ids.hpp"
 
 namespace mixort {
 namespace {
@@ -303,7 +304,7 @@ struct Scorer::Impl {
   };
   struct InputSpec {
     mixbundle::Spec spec;
-    std::vector<int64_t> vocab;  // one bound, or one per last-axis column; empty = no id range
+    std::vector<mixids::Range> ids;  // one range, or one per last-axis column; empty = not an id input
   };
 
   mixbundle::Bundle bundle;
@@ -343,12 +344,10 @@ struct Scorer::Impl {
     for (const auto& spec : bundle.inputs) {
       InputSpec s{spec, {}};
       const json& entry = model["inputs"][k++];
-      if (entry.contains("vocab") && !entry["vocab"].is_null()) {
-        const json& v = entry["vocab"];
-        for (const auto& b : v.is_array() ? v : json::array({v})) {
-          if (!b.is_number_integer()) throw Error("manifest: model.inputs[" + std::to_string(k - 1) + "].vocab must hold integers", 2);
-          s.vocab.push_back(b.get<int64_t>());
-        }
+      try {  // "ids" (ranges found in the graph), else the older "vocab"
+        s.ids = mixids::read(entry, "model.inputs[" + std::to_string(k - 1) + "]");
+      } catch (const std::runtime_error& e) {
+        throw Error(e.what(), 2);
       }
       (spec.user_side() ? user_specs : item_specs).push_back(s);
     }
@@ -776,14 +775,10 @@ struct Scorer::Impl {
       }
       int64_t bad = first_nonfinite(a);
       if (bad >= 0) throw Error(head + " holds NaN/Inf (first at index " + pyints(unravel(bad, a.shape)) + ")", 2);
-      if (!is.vocab.empty() && a.numel()) {
-        int64_t cols = a.shape.empty() ? 1 : a.shape.back();
-        for (int64_t i = 0; i < a.numel(); ++i) {
-          int64_t v = int_at(a, i), upper = is.vocab.size() == 1 ? is.vocab[0] : is.vocab[static_cast<size_t>(i % cols)];
-          if (v < 0 || v >= upper)
-            throw Error(head + ": id " + std::to_string(v) + " at index " + pyints(unravel(i, a.shape)) +
-                        " is outside its vocabulary (expected 0 <= id < " + std::to_string(upper) + ")", 2);
-        }
+      try {  // negative, past the table, past the column's slice: refused, never wrapped
+        mixids::check(head, a.shape, a.numel(), is.ids, [&](int64_t i) { return int_at(a, i); });
+      } catch (const mixids::BadRequest& e) {
+        throw Error(e.what(), 2);
       }
     }
     return bound;

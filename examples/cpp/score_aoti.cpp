@@ -187,6 +187,9 @@ int main(int argc, char** argv) {
       std::cerr << "mean over " << repeat << " calls: " << ms / repeat << " ms (" << req.users << " user(s) x "
                 << req.candidates << " candidates)\n";
     }
+  } catch (const mixids::BadRequest& e) {  // the request's fault (an id outside its range): usage error
+    std::cerr << "error: " << e.what() << "\n";
+    return 2;
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;

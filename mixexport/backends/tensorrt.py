@@ -288,7 +288,7 @@ class TensorRTBackend:
                      _int8_saving([dataclasses.asdict(p) for p in bundle.passes], seg.name))
                 for seg in bundle.segments]
         return self._build(jobs, bundle.source.multiples, bundle.source.minimums,
-                           lambda rel, plan: writer.path(rel).write_bytes(plan), progress)
+                           lambda rel, plan: writer.path(rel).write_bytes(plan), progress, bundle.source.maximums)
 
     def compile_bundle(self, manifest: Manifest, out: Path, progress: Any = lambda _m: None
                        ) -> dict[str, dict[str, Any]]:
@@ -304,11 +304,13 @@ class TensorRTBackend:
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             (out / rel).write_bytes(plan)
 
-        self._build(jobs, model.get("multiples") or {}, model.get("minimums") or {}, write, progress)
+        self._build(jobs, model.get("multiples") or {}, model.get("minimums") or {}, write, progress,
+                    model.get("maximums") or {})
         return self.engine_reports
 
     def _build(self, jobs: list[_Job], multiples: Mapping[str, Any], minimums: Mapping[str, int],
-               write: Callable[[str, bytes], None], progress: Any) -> dict[str, dict[str, str]]:
+               write: Callable[[str, bytes], None], progress: Any,
+               maximums: Mapping[str, int] | None = None) -> dict[str, dict[str, str]]:
         trt = self.module(build=True)
         check_shapes_apply(self.shapes, jobs, multiples)
         archs = self.target_archs()
@@ -317,7 +319,8 @@ class TensorRTBackend:
         cache = (cache_file.read_bytes() if cache_file.is_file() else b"") if cache_file else None
         entries = engine_entries([j.name for j in jobs], self.name, "-".join(archs))
         common = {"label": self.label, "version_compatible": self.version_compatible,
-                  "archs": archs if self.builds_without_gpu else (), "multiples": multiples, "minimums": minimums}
+                  "archs": archs if self.builds_without_gpu else (), "multiples": multiples, "minimums": minimums,
+                  "maximums": maximums or {}}
         int8_checks: dict[str, dict[str, Any]] = {}
         for job in jobs:
             progress(f"{self.label}: building the engine of segment {job.name} for {','.join(archs)}")

@@ -106,7 +106,7 @@ def build_engine(trt: Any, onnx_path: Path, inputs: Sequence[TensorSpec], output
                  shapes: Mapping[str, Profile], *, label: str, timing_cache: bytes | None = None,
                  version_compatible: bool = False, archs: Sequence[str] = (),
                  multiples: Mapping[str, Any] | None = None, minimums: Mapping[str, int] | None = None,
-                 check_io: bool = True) -> EngineBuild:
+                 maximums: Mapping[str, int] | None = None, check_io: bool = True) -> EngineBuild:
     """Parse ``onnx_path`` (external data beside it is found by the parser), check its I/O, add
     one optimization profile and build.
 
@@ -126,7 +126,7 @@ def build_engine(trt: Any, onnx_path: Path, inputs: Sequence[TensorSpec], output
     io = check_network_io(network, inputs, outputs, f"{label} {onnx_path.name}") if check_io else {}
     config = builder.create_builder_config()
     profile = builder.create_optimization_profile()
-    wanted = derive_profile(inputs, shapes, multiples, minimums)
+    wanted = derive_profile(inputs, shapes, multiples, minimums, maximums)
     for i in range(network.num_inputs):
         name = network.get_input(i).name
         if name not in wanted:

@@ -13,6 +13,9 @@ So profiles are resolved per **axis**, not per input:
   sequence length is 4 · groups) is derived from its base, never given a box of its own; a ``--shapes``
   on it is turned into its base's box (MIN rounded up, MAX down to a whole multiple);
 - *minimums* the model declares (``{"groups": 8}``: LONGER reads the 8 most recent groups) raise MIN;
+- *maximums* the model declares (a ``.pt2`` exported with ``Dim("seq", min=2, max=200)``) cap MAX and
+  OPT, and give an axis with no default box one from its range (MIN, the middle, MAX); a ``--shapes``
+  past the maximum is refused;
 - an axis written as an expression of others (``groups + 3``, from torch.export's symbolic shapes) is
   evaluated from theirs at min, opt and max (only +, -, * and // with integer constants).
 """
@@ -113,10 +116,12 @@ def eval_axis(expr: str, values: Mapping[str, int]) -> int:
 
 def resolve_axes(axes: Iterable[str], shapes: Mapping[str, Profile],
                  multiples: Mapping[str, Sequence[Any]] | None = None,
-                 minimums: Mapping[str, int] | None = None) -> dict[str, Profile]:
+                 minimums: Mapping[str, int] | None = None,
+                 maximums: Mapping[str, int] | None = None) -> dict[str, Profile]:
     """One consistent (min, opt, max) per symbolic axis (names and expressions) of a bundle."""
     multiples = {k: (str(v[0]), int(v[1])) for k, v in (multiples or {}).items()}
     minimums = dict(minimums or {})
+    maximums = {k: int(v) for k, v in (maximums or {}).items()}
     axes = set(axes)
     names = set().union(*(_names(a) for a in axes)) if axes else set()
     derived = {n: multiples[n] for n in names if n in multiples}
@@ -138,6 +143,9 @@ def resolve_axes(axes: Iterable[str], shapes: Mapping[str, Profile],
     for base in bases:
         if base in given or base in DEFAULT_PROFILE:
             lo, opt, hi = axis_profile(base, given)
+        elif base in maximums:  # a .pt2's bounded axis with no default box: its own range
+            lo, hi = max(1, minimums.get(base, 1)), maximums[base]
+            opt = (lo + hi + 1) // 2
         else:  # a base read only through a derived axis with a default box (groups from seq)
             via = next(((a, k) for a, (b, k) in multiples.items() if b == base and a in DEFAULT_PROFILE), None)
             if via is None:
@@ -150,6 +158,15 @@ def resolve_axes(axes: Iterable[str], shapes: Mapping[str, Profile],
             raise BadInputError(f"--shapes {base}: MAX {given[base][2]} is below the {need} the model needs",
                                 f"the model reads at least {need} along {base}")
         lo = max(lo, need)
+        cap = maximums.get(base)
+        if cap is not None:
+            if base in given and given[base][2] > cap:
+                raise BadInputError(f"--shapes {base}: MAX {given[base][2]} is above the {cap} the model allows",
+                                    f"the program was exported with {base} <= {cap}")
+            if lo > cap:
+                raise BadInputError(f"axis {base}: MIN {lo} is above the {cap} the model allows",
+                                    f"give --shapes {base}:MIN,OPT,MAX inside the model's range")
+            hi, opt = min(hi, cap), min(opt, cap)
         profiles[base] = (lo, max(opt, lo), max(hi, lo))
     for axis, (base, k) in derived.items():
         profiles[axis] = tuple(k * v for v in profiles[base])  # type: ignore[assignment]
@@ -169,13 +186,14 @@ def resolve_axes(axes: Iterable[str], shapes: Mapping[str, Profile],
 
 def derive_profile(inputs: Sequence[TensorSpec], shapes: Mapping[str, Profile],
                    multiples: Mapping[str, Sequence[Any]] | None = None,
-                   minimums: Mapping[str, int] | None = None
+                   minimums: Mapping[str, int] | None = None,
+                   maximums: Mapping[str, int] | None = None
                    ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """Per input: the (min, opt, max) shapes of one optimization profile. Static dims stay fixed;
     every symbolic dim takes its axis' resolved box (:func:`resolve_axes`), so inputs sharing an
     axis agree and derived axes follow their base."""
     axes = {d for spec in inputs for d in spec.shape if isinstance(d, str)}
-    boxes = resolve_axes(axes, shapes, multiples, minimums)
+    boxes = resolve_axes(axes, shapes, multiples, minimums, maximums)
     out = {}
     for spec in inputs:
         dims = [(d, d, d) if isinstance(d, int) else boxes[d] for d in spec.shape]

@@ -16,11 +16,11 @@ import traceback
 import click
 
 from mixexport import __version__
-from mixexport.cli import bench, build, inspect, passes, score, triton, verify
+from mixexport.cli import bench, build, inspect, passes, publish, score, triton, verify
 from mixexport.errors import MixexportError
 
 COMMANDS = (build.command, verify.command, bench.command, inspect.command, passes.command, triton.command,
-            score.command)
+            score.command, publish.command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

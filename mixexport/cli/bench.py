@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from mixexport.cli.options import (backend_option, checkpoint_option, device_option, emit_json, json_option,
-                                   parse_csv_ints, progress)
+                                   parse_csv_ints, progress, tables_option)
 
 
 @click.command("bench")
@@ -31,11 +31,12 @@ from mixexport.cli.options import (backend_option, checkpoint_option, device_opt
 @click.option("--seq-len", type=click.IntRange(min=1), default=None,
               help="Behaviour-sequence length of the requests (models with a dynamic sequence axis).")
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Also write the JSON result here.")
+@tables_option
 @json_option
 @click.pass_context
 def command(ctx: click.Context, bundle: str, checkpoint: str | None, backend: str | None, device: str,
             candidates: str, users: int, budget: float, peers: str, compare: tuple[str, ...], cache_modes: bool,
-            seq_len: int | None, save: str | None, as_json: bool) -> int:
+            seq_len: int | None, save: str | None, tables: str | None, as_json: bool) -> int:
     """Time BUNDLE and the eager model for 1 user x N candidates, N in --candidates."""
     # Runners share two cores in one process: with OpenMP's default waiting, torch's idle threads
     # spin after every eager call and slow the ONNX Runtime call timed next (measured: bundle
@@ -44,16 +45,20 @@ def command(ctx: click.Context, bundle: str, checkpoint: str | None, backend: st
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from mixexport.backends.onnxruntime import describe_ort_build, ort_build
     from mixexport.verification import bench_bundle
+    from mixexport.program.precision_speed import slower_than_fp32, with_fp32_peer
     from mixexport.verification.report import latency_markdown
 
     ort = ort_build()  # which ONNX Runtime build and providers time the bundle (onnxruntime vs -gpu)
+    # a reduced-precision bundle is also timed against the model's fp32 ONNX: slower must be said
+    peer_names, precision = with_fp32_peer(bundle, tuple(p for p in peers.split(",") if p), backend, device)
     with progress(ctx) as say:
         say(describe_ort_build(ort))
         report = bench_bundle(bundle, checkpoint=checkpoint, backend=backend, device=device,
                               candidates=parse_csv_ints(candidates, "--candidates"), users=users,
-                              budget_s=budget, peers=tuple(p for p in peers.split(",") if p), compare=compare,
-                              cache_modes=cache_modes, seq_len=seq_len, progress=say)
+                              budget_s=budget, peers=peer_names, compare=compare,
+                              cache_modes=cache_modes, seq_len=seq_len, progress=say, tables=tables)
     report = {**report, "onnxruntime": ort}
+    report["precision_warnings"] = slower_than_fp32(report, precision)
     if save:
         Path(save).write_text(json.dumps(report, indent=2) + "\n")
     if as_json:
@@ -62,4 +67,9 @@ def command(ctx: click.Context, bundle: str, checkpoint: str | None, backend: st
         if device == "cuda" or ort["conflict"]:
             click.echo(describe_ort_build(ort))
         click.echo("\n".join(latency_markdown(report)))
+        for warning in report["precision_warnings"]:
+            click.echo(f"warning: {warning}")
+        for name, st in (report.get("tables") or {}).get("cache", {}).items():
+            click.echo(f"table {name} ({report['tables']['store']}): row cache hit rate {st['hit_rate']:.1%} "
+                       f"of {st['lookups']} rows looked up")
     return 0

@@ -31,9 +31,11 @@ def _roles(values: tuple[str, ...]) -> dict[str, str]:
                    "openvino (OpenVINO IR on CPU; pip install \"mixexport[openvino]\").")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Where the bundle runs [default: cuda for trt/trt-rtx, else cpu].")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
-              help="Weights and compute of the exported model: fp16/bf16 floats, or int8 (integer GEMMs "
-                   "on ONNX Runtime CPU, adds the quantize-int8 pass); inputs/outputs stay float32.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "w8a16", "int8"]), default="fp32",
+              show_default=True,
+              help="Weights and compute of the exported model: fp16/bf16 floats, w8a16 (int8 weights, float "
+                   "compute: adds the quantize-w8a16 pass, every ONNX target) or int8 (integer GEMMs on ONNX "
+                   "Runtime CPU: adds the quantize-int8 pass); inputs/outputs stay float32.")
 @click.option("--shapes", multiple=True, metavar="NAME:MIN,OPT,MAX",
               help="TensorRT optimization profile of a symbolic axis (batch, users, candidates…; repeatable).")
 @click.option("--version-compatible", is_flag=True, help="TensorRT: build version-compatible engines.")

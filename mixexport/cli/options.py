@@ -30,6 +30,13 @@ def backend_option(f: F) -> F:
                         help="Backend to run the segments with (default: the bundle's own).")(f)
 
 
+def tables_option(f: F) -> F:
+    """``--tables STORE``: where a bundle with externalized tables reads them (docs/tables.md)."""
+    return click.option("--tables", default=None, metavar="STORE",
+                        help="Table store of a bundle with externalized tables: 'local' (its part files, the "
+                             "default) or redis://HOST:PORT[,HOST:PORT...] (published with mixexport publish).")(f)
+
+
 def tolerance_options(f: F) -> F:
     f = click.option("--rtol", multiple=True, metavar="[NAME:]VALUE",
                      help="Relative tolerance, per output or for all (repeatable).")(f)

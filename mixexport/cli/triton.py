@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mixexport.cli.options import emit_json, json_option
+from mixexport.cli.options import emit_json, json_option, tables_option
 
 
 @click.command("triton")
@@ -27,15 +27,17 @@ from mixexport.cli.options import emit_json, json_option
               help="Refuse the bundle unless its manifest.json has this sha256.")
 @click.option("--force", is_flag=True,
               help="Replace an existing --out: only a repository mixexport wrote, or an empty directory.")
+@tables_option
 @json_option
 def command(bundle: str, out: str, flavour: str, name: str | None, instances: int, cache_bytes: int | None,
-            max_batch_size: int, manifest_sha256: str | None, force: bool, as_json: bool) -> int:
+            max_batch_size: int, manifest_sha256: str | None, force: bool, tables: str | None, as_json: bool) -> int:
     """Write a Triton model repository serving BUNDLE (every copied file checked against its sha256)."""
     from mixexport.runtime import DEFAULT_CACHE_BYTES
     from mixexport.serving.triton import TritonOptions, write_repository
 
     result = write_repository(bundle, TritonOptions(
         out=Path(out), flavour=flavour, name=name, instances=instances, force=force, max_batch_size=max_batch_size,
+        tables=tables,
         cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes), manifest_sha256=manifest_sha256)
     if as_json:
         emit_json(result)

@@ -61,12 +61,11 @@ def verify_dataset(bundle: str | Path, data: str, *, label: str | None = None, k
                    address: str | None = None, workers: int = 1, batch_rows: int = DEFAULT_BATCH_ROWS,
                    atol: dict[str, float] | None = None, rtol: dict[str, float] | None = None,
                    auc_bound: float = DEFAULT_AUC_BOUND, threads: int | None = None,
-                   progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                   progress: Progress | None = None, tables: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(report, run facts) of metric and tensor parity on Parquet rows. The report is the same bytes
     (as :func:`dumps`) for any split of the data into files or batches, any engine or worker count."""
     from mixexport.bundle import check_integrity, read_manifest
-    from mixexport.verification.compare import resolve_tolerances
-    from mixexport.verification.run import AUC_GATE, TAU_GATE, _family_tolerance
+    from mixexport.verification.run import AUC_GATE, TAU_GATE, bundle_tolerances
 
     say = progress or (lambda _m: None)
     if reference and reference_column:
@@ -77,12 +76,10 @@ def verify_dataset(bundle: str | Path, data: str, *, label: str | None = None, k
     files = expand(data)
     cols, read = _columns(files, manifest.inputs, label, key, reference_column)
     rows = check_files(files, manifest.inputs, cols)
-    precision = manifest.data.get("precision", "fp32")
-    per, default = resolve_tolerances([s.name for s in manifest.outputs], precision, atol or {}, rtol or {},
-                                      _family_tolerance(manifest))
+    precision, per, default = bundle_tolerances(manifest, atol, rtol)
     tolerances = {"*": (default.rtol, default.atol), **{k: (t.rtol, t.atol) for k, t in per.items()}}
     job = Job(bundle=str(manifest.root), columns=cols, mode="verify", reference=reference, threads=_threads(threads, engine),
-              tolerances=tolerances)
+              tolerances=tolerances, tables=tables)
     say(f"scoring {rows} rows in {len(files)} files ({engine})")
     sink = VerifySink()
     facts = _engine(engine, files, job, batch_rows, read, sink, workers, address, ordered=False)
@@ -108,7 +105,9 @@ def verify_dataset(bundle: str | Path, data: str, *, label: str | None = None, k
         tau = report["ranking"]["kendall_tau_mean"]
         if not tau >= TAU_GATE[precision]:
             failures.append(f"mean Kendall tau {tau:.4f} < {TAU_GATE[precision]:g}")
-    report = {"bundle_manifest_sha256": manifest.sha256, "precision": precision,
+    bundle_precision = manifest.data.get("precision", "fp32")
+    report = {"bundle_manifest_sha256": manifest.sha256, "precision": bundle_precision,
+              **({"gate_precision": precision} if precision != bundle_precision else {}),
               "reference": f"column {reference_column}" if reference_column else "eager model",
               "status": "PASS" if not failures else "FAIL", **report, "failures": failures}
     facts.update(files=len(files), rows=rows)

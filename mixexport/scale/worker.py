@@ -43,9 +43,10 @@ class Job:
     threads: int | None = None  # intra-op threads of ONNX Runtime and torch in this worker
     tolerances: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # output -> (rtol, atol)
     refine: dict[str, np.ndarray] | None = None  # second pass: the bins counted at full resolution
+    tables: str | None = None  # the table store of a bundle with externalized tables (Runtime.open's)
 
 
-def open_runtime(manifest: Any, threads: int | None) -> Any:
+def open_runtime(manifest: Any, threads: int | None, tables: str | None = None) -> Any:
     """The bundle's runtime; with ``threads``, ONNX Runtime segments use that many intra-op threads
     (one per Ray actor: the actors, not ORT's pool, spread the work over the cores)."""
     from mixexport.backends.onnxruntime import OnnxRuntimeBackend
@@ -56,7 +57,7 @@ def open_runtime(manifest: Any, threads: int | None) -> Any:
                                                               "intra_op_num_threads": threads})
                      if s.backend == "onnxruntime" else s for s in manifest.segments)
         manifest = dataclasses.replace(manifest, segments=segs)
-    return Runtime.open(manifest, verify_files=False)  # the driver checked every file's sha256 once
+    return Runtime.open(manifest, verify_files=False, tables=tables)  # the driver checked every file's sha256
 
 
 class Worker:
@@ -74,7 +75,7 @@ class Worker:
         self.specs: tuple[TensorSpec, ...] = manifest.inputs
         self.first = manifest.outputs[0].name
         self.outputs = [s.name for s in manifest.outputs]
-        self.runtime = open_runtime(manifest, job.threads)
+        self.runtime = open_runtime(manifest, job.threads, job.tables)
         self.reference = None
         if job.mode == "verify" and job.columns.reference is None:
             from mixexport.verification.run import load_reference

@@ -50,6 +50,9 @@ from mixexport.trust import external_data_files
 FLAVOURS = ("python", "native")
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 USER_ID = "user_id"          # the python flavour's request field naming the U users (strings)
+#: that field's name when the model itself has an input called ``user_id`` (a user's own program with
+#: ``forward(self, user_id, item_id)``): two inputs of one name make Triton refuse the config
+USER_ID_FALLBACK = "mixexport_user_id"
 USER_INDEX = "user_index"
 MAX_MODEL_NAME = 64          # the served name; a segment's model is <name>_<segment> (<= 64 + 1 + 128)
 
@@ -68,6 +71,7 @@ class TritonOptions:
     cache_bytes: int = DEFAULT_CACHE_BYTES
     max_batch_size: int = 4096       # native flavour, unsplit bundles: the dynamic batcher's limit
     force: bool = False
+    tables: str | None = None        # python flavour: the table store (redis://…); None: the bundle's files
 
 
 def write_repository(bundle: str | Path, options: TritonOptions, manifest_sha256: str | None = None) -> dict[str, Any]:
@@ -95,6 +99,9 @@ def write_repository(bundle: str | Path, options: TritonOptions, manifest_sha256
         raise BadInputError(f"{manifest.root} keeps {len(manifest.data['tables'])} embedding tables outside its "
                             "segments (externalize-embeddings); the native flavour cannot look rows up",
                             "use --flavour python, whose model runs the bundle with its local table store")
+    if options.flavour != "python" and options.tables:
+        raise BadInputError(f"--tables applies to the python flavour only, found --flavour {options.flavour}",
+                            "use --flavour python")
     out = Path(options.out)
     check_out(out, options.force, {"bundle": manifest.root}, kind="triton-repository")
     try:
@@ -143,6 +150,16 @@ def _check_names(manifest: Manifest) -> None:
                                 f"{name_problem(s.name)}", "rebuild the bundle")
 
 
+def user_id_input(manifest: Manifest) -> str:
+    """The python flavour's optional cache-key input: ``user_id``, or :data:`USER_ID_FALLBACK` when
+    the model has an input of that name (the model's own ``user_id`` ids keep their name)."""
+    names = {s.name for s in manifest.inputs}
+    if USER_INDEX in names or USER_ID_FALLBACK in names:
+        raise BadInputError(f"{manifest.root}: the model has an input named {USER_INDEX!r} or {USER_ID_FALLBACK!r}, "
+                            "which the python flavour's requests use", "rename that input, or use --flavour native")
+    return USER_ID_FALLBACK if USER_ID in names else USER_ID
+
+
 def _child(root: Path, *parts: str) -> Path:
     """``root/parts…``, refused unless it stays inside ``root`` (names are checked; this is the
     second line: a path the repository builds never leaves it)."""
@@ -159,7 +176,14 @@ def _python_flavour(manifest: Manifest, name: str, options: TritonOptions,
                     repo: Path) -> tuple[list[dict[str, Any]], list[str]]:
     version = _child(repo, name, "1")
     rels = ["manifest.json", *sorted(manifest.data["files"])]
-    manifest.check_files(sorted(manifest.data["files"]))  # copy only what matches its sha256
+    if options.tables and options.tables != "local":  # tables served from the store: no part files copied
+        from mixexport.tables.redis.url import parse_url
+
+        parse_url(options.tables)  # a bad URL: exit 2 now, not when the server starts
+        parts = {f for t in manifest.data.get("tables") or [] for p in t["parts"] for f in (p["file"], p["ids"],
+                                                                                           p.get("scale")) if f}
+        rels = [r for r in rels if r not in parts]
+    manifest.check_files([r for r in rels if r != "manifest.json"])  # copy only what matches its sha256
     for rel in rels:
         dst = _child(version, "bundle", *Path(rel).parts)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -169,17 +193,20 @@ def _python_flavour(manifest: Manifest, name: str, options: TritonOptions,
     shutil.copyfile(MODEL_FILE, version / "model.py")
     inputs = [_tensor(s.name, s.dtype, s.shape) for s in manifest.inputs]
     inputs.append(_tensor(USER_INDEX, "int64", ("candidates",)))
-    inputs.append(_tensor(USER_ID, None, ("users",), optional=True))
+    key = user_id_input(manifest)
+    inputs.append(_tensor(key, None, ("users",), optional=True))
     text = _config(
         name, [("backend", "python"), ("max_batch_size", 0)], inputs,
         [_tensor(s.name, s.dtype, s.shape) for s in manifest.outputs],
         header=[f"mixexport {manifest.data['model'].get('family') or 'program'} bundle served through "
                 "mixexport.runtime.Runtime (1/model.py, 1/bundle/)",
-                "user inputs: U rows; item inputs and user_index: N rows; user_id (optional, U strings) "
+                f"user inputs: U rows; item inputs and user_index: N rows; {key} (optional, U strings) "
                 "keys the per-user caches"],
         tail=[("instance_group", [("kind", Enum("KIND_CPU")), ("count", options.instances)]),
               _parameter("manifest_sha256", manifest.sha256),
-              _parameter("cache_bytes", str(options.cache_bytes))])
+              _parameter("cache_bytes", str(options.cache_bytes)),
+              _parameter("user_id_input", key),
+              *([_parameter("tables", options.tables)] if options.tables else [])])
     _child(repo, name, "config.pbtxt").write_text(text)
     files = sorted(str(p.relative_to(repo)) for p in (repo / name).rglob("*") if p.is_file())
     notes = ["the server's Python must import mixexport, numpy and onnxruntime: start tritonserver with that "
@@ -193,6 +220,10 @@ def _python_flavour(manifest: Manifest, name: str, options: TritonOptions,
 def _native_flavour(manifest: Manifest, name: str, options: TritonOptions,
                     repo: Path) -> tuple[list[dict[str, Any]], list[str]]:
     notes: list[str] = []
+    ids = [s.name for s in manifest.inputs if s.id_ranges()]
+    if ids:  # the backends run the segments directly: nothing refuses an id outside its range (docs/ids.md)
+        notes.append(f"id inputs {ids} are not range-checked by the native flavour (a Gather wraps -1 to the "
+                     "last row): check ids in front of Triton, or serve with --flavour python, which refuses them")
     segments = manifest.segments
     models = []
     if len(segments) == 1 and segments[0].role == "full":

@@ -6,7 +6,8 @@ mixexport, numpy and onnxruntime (start ``tritonserver`` with that environment's
 ``PATH``). It is not imported by mixexport itself: ``triton_python_backend_utils`` exists only there.
 
 Per request: the user inputs (U rows), the item inputs and ``user_index`` (N rows), and an optional
-``user_id`` (U strings) that keys the per-user caches (user state; KV caches, extended by appends).
+``user_id`` (U strings; ``mixexport_user_id`` when the model has a ``user_id`` input of its own) that
+keys the per-user caches (user state; KV caches, extended by appends).
 The runtime checks every input against the manifest; a request it refuses gets an error response
 (``error: … hint: …``) and the other requests of the batch are still answered. Cache hits and
 misses are counted in the ``mixexport_cache_total`` family on Triton's metrics endpoint.
@@ -36,9 +37,12 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         bundle = Path(args["model_repository"]) / args["model_version"] / "bundle"
+        # "mixexport_user_id" when the model has its own user_id input (mixexport.serving.triton.user_id_input)
+        self.user_id_input = params.get("user_id_input", USER_ID)
         # the pinned manifest sha256, then every file's against it, before any session is created
         self.runtime = Runtime.open(bundle, manifest_sha256=params["manifest_sha256"],
-                                    cache_bytes=int(params.get("cache_bytes", "268435456")))
+                                    cache_bytes=int(params.get("cache_bytes", "268435456")),
+                                    tables=params.get("tables") or None)
         self.user_names = [s.name for s in self.runtime.inputs if s.user_side]
         self.item_names = [s.name for s in self.runtime.inputs if not s.user_side]
         self.output_names = [s.name for s in self.runtime.outputs]
@@ -58,7 +62,7 @@ class TritonPythonModel:
         def get(name: str) -> np.ndarray:
             return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
 
-        ids = pb_utils.get_input_tensor_by_name(request, USER_ID)
+        ids = pb_utils.get_input_tensor_by_name(request, self.user_id_input)
         user_ids = None
         if ids is not None:
             user_ids = tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)

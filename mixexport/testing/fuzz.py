@@ -185,21 +185,23 @@ def _checkpoint(case: Case, path: Path) -> Path:
 
 
 def score(case: Case, bundle: Path, checkpoint: Path) -> dict[str, Any]:
-    """The case's request through the bundle's runtime vs the eager reference, at the tolerances of
-    the bundle's precision; then the same request again (per-user caches warm) must match exactly."""
+    """The case's request through the bundle's runtime vs the eager reference (:func:`score_request`)."""
+    from mixexport.source import load_source
+
+    source = load_source(checkpoint)
+    return score_request(bundle, source, make_request(case, source))
+
+
+def score_request(bundle: Path, source: Any, request: Any) -> dict[str, Any]:
+    """``request`` through the bundle's runtime vs ``source``'s eager model, at the tolerances verify
+    gates the bundle at; then the same request again (per-user caches warm) must match exactly."""
     from mixexport.bundle import read_manifest
     from mixexport.runtime import Runtime
-    from mixexport.source import load_source
-    from mixexport.verification.compare import compare_outputs, resolve_tolerances
-    from mixexport.verification.run import execution_plan
+    from mixexport.verification.compare import compare_outputs
+    from mixexport.verification.run import bundle_tolerances, execution_plan
 
     manifest = read_manifest(bundle)
-    source = load_source(checkpoint)
-    precision = manifest.data.get("precision", "fp32")
-    tol = manifest.data.get("tolerance")
-    family_tol = (float(tol["rtol"]), float(tol["atol"])) if isinstance(tol, dict) else None
-    per, default = resolve_tolerances([s.name for s in manifest.outputs], precision, {}, {}, family_tol)
-    request = make_request(case, source)
+    precision, per, default = bundle_tolerances(manifest)
     backend, device, _ = execution_plan(manifest, None, "cpu")  # engines that cannot run here: their ONNX
     with Runtime.open(manifest, backend, device) as rt, Runtime.reference(source) as ref:
         first = rt.score(request)
@@ -218,7 +220,8 @@ CPU_ENGINES = ("openvino",)
 
 
 def run_case(case: Case, workdir: str | Path, keep: bool = False, engines: str | None = None) -> dict[str, Any]:
-    """Checkpoint → build (verify included) → score the case's request. With ``engines``
+    """Checkpoint → build (verify included) → score the case's request (a user's own program:
+    :func:`mixexport.testing.program_fuzz.run_any_case`). With ``engines``
     (``tensorrt-rtx``: no GPU needed; ``openvino``: CPU) the build targets that backend, as a user's would:
     its engines are built, and where they cannot run the ONNX segments are verified and scored.
     ``quantize-int8`` cases build for ONNX Runtime CPU whatever ``engines`` says (int8 compute is
@@ -249,14 +252,24 @@ def run_case(case: Case, workdir: str | Path, keep: bool = False, engines: str |
                                              "int8": (s["engine_build"].get("int8") or {}).get("status")}
                                  for s in built.manifest["segments"]}
         stage = "score"
-        parity = score(case, out, ckpt)
-        result["score"] = parity
-        result["errors"] += [{"stage": "score", "type": "ParityFailure", "message": m, "user_error": False}
-                             for m in parity["failures"]]
-        stage = "done"
-        result["passed"] = not parity["failures"]
+        stage = scored(result, score(case, out, ckpt))
     except Exception as e:  # noqa: BLE001 - the report carries every failure, with its traceback
         result["errors"].append(_error(stage, e))
+    return finished(result, stage, t0, out, keep)
+
+
+def scored(result: dict[str, Any], parity: dict[str, Any]) -> str:
+    """Record the score stage's parity (each failure an error) in ``result``; the stage reached."""
+    result["score"] = parity
+    result["errors"] += [{"stage": "score", "type": "ParityFailure", "message": m, "user_error": False}
+                         for m in parity["failures"]]
+    result["passed"] = not parity["failures"]
+    return "done"
+
+
+def finished(result: dict[str, Any], stage: str, t0: float, out: Path, keep: bool) -> dict[str, Any]:
+    """Close a case's result: the stage reached and the seconds taken; a passing case's bundle is
+    deleted unless ``keep``."""
     result["stage"] = stage
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if result["passed"] and not keep:

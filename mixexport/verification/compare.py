@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -33,6 +33,17 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {  # precision -> (rtol, at
     "w8a16": (5e-2, 5e-2),
     "int8": (1e-1, 1e-1),  # int8 activations too: per-row rounding of every GEMM input
 }
+#: externalized table rows stored in a reduced dtype round every lookup like weights of this precision
+#: (int8 rows carry a float32 scale per row, as W8A16 weights do per output channel)
+ROW_PRECISION = {"float32": "fp32", "float16": "fp16", "int8": "w8a16"}
+
+
+def gate_precision(precision: str, row_dtypes: Iterable[str] = ()) -> str:
+    """The precision whose tolerances and AUC gate a bundle is held to: its own, or the loosest of its
+    externalized tables' row dtypes (float16 rows in an fp32 bundle round like fp16 weights)."""
+    order = list(DEFAULT_TOLERANCES)
+    held = [precision] + [ROW_PRECISION.get(d, "fp32") for d in row_dtypes]
+    return max(held, key=lambda p: order.index(p) if p in order else 0)
 
 
 @dataclass(frozen=True)

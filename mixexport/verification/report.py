@@ -16,12 +16,18 @@ def parity_markdown(parity: dict[str, Any]) -> list[str]:
     lines = [f"## Parity: {parity['status']}", ""]
     lines += [f"Backend `{parity['backend']}` against the eager reference; tolerances per output "
               "(`|a-e| <= atol + rtol*|e|`); `max_rel` is norm-wise: max|a-e| / max|e|.", ""]
+    if parity.get("gate_precision"):
+        lines += [f"Held to the {parity['gate_precision']} tolerances and AUC gate, not {parity['precision']}'s: "
+                  "externalized table rows are stored in a reduced dtype.", ""]
     lines += ["| request | output | max_abs | max_rel | cosine | min passing atol | result |",
               "|---|---|---|---|---|---|---|"]
     for req in parity["tensor"]:
         for o in req["outputs"]:
+            result = "not checked" if req.get("status") == "not checked" else "PASS" if o["passed"] else "FAIL"
             lines.append(f"| {req['request']} | {o['name']} | {o['max_abs']:.3g} | {o['max_rel']:.3g} | "
-                         f"{o['cosine']:.9f} | {o['min_atol']:.3g} | {'PASS' if o['passed'] else 'FAIL'} |")
+                         f"{o['cosine']:.9f} | {o['min_atol']:.3g} | {result} |")
+    if parity.get("variation"):
+        lines += ["", f"**Warning: {parity['variation']['message']}.**"]
     m = parity.get("metrics")
     lines.append("")
     if m and m.get("status") != "skipped":
@@ -60,7 +66,9 @@ def latency_markdown(latency: dict[str, Any]) -> list[str]:
             e = per.get(str(n))
             cells.append("-" if e is None else f"{e['p50_ms']:.3g} ({e.get('speedup_vs_eager', 1):.2f}x)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+    from mixexport.verification.split_gain import split_gain_markdown
+
+    return lines + split_gain_markdown(latency)
 
 
 def write_markdown(path: Path, title: str, parity: dict[str, Any] | None, latency: dict[str, Any] | None,

@@ -14,11 +14,13 @@ from mixexport.data import MOVIELENS, Split, load_npz_split, movielens_100k, mov
 from mixexport.errors import BadInputError, GateFailedError
 from mixexport.runtime import Runtime
 from mixexport.source import Source, load_source
-from mixexport.specs import Request, random_ids
-from mixexport.verification.compare import Tolerance, compare_outputs, resolve_tolerances
+from mixexport.specs import Request, check_feeds, random_ids
+from mixexport.tables.open import store_stats
+from mixexport.verification.compare import Tolerance, compare_outputs, gate_precision, resolve_tolerances
 from mixexport.verification.int8 import int8_survival
 from mixexport.verification.latency import DEFAULT_CANDIDATES, machine_info, summarize, time_interleaved
 from mixexport.verification.metrics import metric_parity
+from mixexport.verification.variation import gate_status, mark_tensor_gate
 
 #: (users, candidates) of the generated requests checked besides the bundle's sample request.
 PARITY_REQUESTS = ((1, 1), (1, 7), (3, 7), (1, 256), (3, 256))
@@ -47,7 +49,9 @@ def load_reference(manifest: Manifest, checkpoint: str | Path | None = None) -> 
 
 def _labelled_split(source: Source, data: str | Path | None) -> tuple[Split | None, str]:
     if data is not None:
-        return load_npz_split(data, source.inputs), str(data)
+        split = load_npz_split(data, source.inputs)
+        check_feeds(source.inputs, split.feeds, what=f"--data {data}: input")  # bad ids: refused before eager runs
+        return split, str(data)
     if source.dataset == MOVIELENS:
         reason = movielens_available()
         if reason:
@@ -95,8 +99,9 @@ def verify_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | Non
                   backend: str | None = None, device: str = "cpu", data: str | Path | None = None,
                   metrics: bool = True, atol: dict[str, float] | None = None,
                   rtol: dict[str, float] | None = None, integrity: bool = True,
-                  progress: Progress | None = None) -> dict[str, Any]:
-    """Tensor parity on the sample and generated requests, metric parity on labelled data."""
+                  progress: Progress | None = None, tables: str | None = None) -> dict[str, Any]:
+    """Tensor parity on the sample and generated requests, metric parity on labelled data.
+    ``tables``: the table store of a bundle with externalized tables (``Runtime.open``'s)."""
     say = progress or (lambda _msg: None)
     manifest = bundle if isinstance(bundle, Manifest) else read_manifest(bundle)
     if integrity:
@@ -107,15 +112,13 @@ def verify_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | Non
     if engines and not engines["executed"]:
         say(engines["reason"])
     precision = manifest.data.get("precision", "fp32")
-    out_names = [s.name for s in manifest.outputs]
-    per, default = resolve_tolerances(out_names, precision, atol or {}, rtol or {},
-                                      _family_tolerance(manifest))
+    held, per, default = bundle_tolerances(manifest, atol, rtol)
     sample = dict(np.load(manifest.file("inputs/sample.npz"), allow_pickle=False))
     requests = [("sample", Request.from_npz_dict(sample))]
     requests += [(f"{u}user x {n}", source.example_request(u, n, seed=100 + i))
                  for i, (u, n) in enumerate(PARITY_REQUESTS)]
     tensor, failures = [], []
-    with Runtime.open(manifest, backend, device) as rt, Runtime.reference(source) as ref:
+    with Runtime.open(manifest, backend, device, tables=tables) as rt, Runtime.reference(source) as ref:
         for label, req in requests:
             say(f"tensor parity: {label}")
             res = compare_outputs(rt.score(req), ref.score(req), per, default)
@@ -125,10 +128,13 @@ def verify_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | Non
         say("cache checks")
         cache_report = _cache_checks(manifest, source, rt, ref, per, default)
         failures += [f"cache {c['check']}: {c['detail']}" for c in cache_report if not c["passed"]]
-        metric_report = _metrics(source, rt, data, precision, say) if metrics else {
+        metric_report = _metrics(source, rt, data, held, say) if metrics else {
             "status": "skipped", "reason": "disabled with --no-metrics"}
     if metric_report.get("status") == "FAIL":
         failures.append(metric_report["gate"]["message"])
+    variation = mark_tensor_gate(source.inputs, [r for _, r in requests], tensor, metric_report)
+    if variation is not None and variation["blocks_pass"]:  # constant ids alone never PASS
+        failures.append(variation["message"])
     say("int8 survival")
     try:  # {"status": "skipped"} for bundles without int8 weights
         int8 = int8_survival(manifest, device=device)
@@ -141,11 +147,12 @@ def verify_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | Non
         failures += [f"segment {k}: int8 weights folded to float in the engine ({v['engine_bytes']} B vs "
                      f"float twin {v['float_engine_bytes']} B)" for k, v in in_engines.items() if v["status"] == "FAIL"]
     worst = max((o["max_rel"] for t in tensor for o in t["outputs"]), default=0.0)
-    return {"status": "PASS" if not failures else "FAIL", "backend": rt.name, "device": device,
-            "precision": precision, "max_rel": worst,
+    return {"status": gate_status(failures, variation), "backend": rt.name, "device": device,
+            "precision": precision, **({"gate_precision": held} if held != precision else {}), "max_rel": worst,
             "tolerances": {n: {"rtol": t.rtol, "atol": t.atol} for n, t in per.items()},
             "tensor": tensor, "cache": cache_report, "metrics": metric_report, "int8": int8,
-            **({"engines": engines} if engines else {}), "failures": failures}
+            **({"engines": engines} if engines else {}), **({"variation": variation} if variation else {}),
+            "failures": failures}
 
 
 def _cache_checks(manifest: Manifest, source: Source, rt: Runtime, ref: Runtime, per: dict[str, Tolerance],
@@ -190,9 +197,17 @@ def _cache_checks(manifest: Manifest, source: Source, rt: Runtime, ref: Runtime,
     return out
 
 
-def _family_tolerance(manifest: Manifest) -> tuple[float, float] | None:
+def bundle_tolerances(manifest: Manifest, atol: dict[str, float] | None = None,
+                      rtol: dict[str, float] | None = None) -> tuple[str, dict[str, Tolerance], Tolerance]:
+    """(gate precision, per-output tolerances, default) a bundle is verified at: its precision's,
+    loosened to the row dtypes of its externalized tables, the manifest's own ``tolerance`` where it
+    records one, and the user's ``--atol/--rtol`` over all of them."""
+    held = gate_precision(manifest.data.get("precision", "fp32"),
+                          [t.get("dtype", "float32") for t in manifest.data.get("tables") or []])
     tol = manifest.data.get("tolerance")
-    return (float(tol["rtol"]), float(tol["atol"])) if isinstance(tol, dict) else None
+    family = (float(tol["rtol"]), float(tol["atol"])) if isinstance(tol, dict) else None
+    per, default = resolve_tolerances([s.name for s in manifest.outputs], held, atol or {}, rtol or {}, family)
+    return held, per, default
 
 
 def _metrics(source: Source, rt: Runtime, data: str | Path | None, precision: str,
@@ -229,7 +244,8 @@ def bench_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | None
                  backend: str | None = None, device: str = "cpu",
                  candidates: Sequence[int] = DEFAULT_CANDIDATES, users: int = 1, budget_s: float = 2.0,
                  peers: Sequence[str] = (), compare: Sequence[str | Path] = (), cache_modes: bool = False,
-                 seq_len: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
+                 seq_len: int | None = None, progress: Progress | None = None,
+                 tables: str | None = None) -> dict[str, Any]:
     """p50/p90/p99 per N for eager and the bundle, measured in one run in interleaved rounds.
 
     ``peers``: other tools on the same model; ``compare``: other bundles of the same model (e.g.
@@ -237,6 +253,7 @@ def bench_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | None
     (same user, warm) and an append (each request adds one position's worth of new behaviours).
     """
     from mixexport.verification.peers import make_peers, unavailable_peers
+    from mixexport.verification.split_gain import split_gain
 
     say = progress or (lambda _msg: None)
     manifest = bundle if isinstance(bundle, Manifest) else read_manifest(bundle)
@@ -250,7 +267,7 @@ def bench_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | None
             raise BadInputError(f"--compare {other.root}: its inputs differ from {manifest.root}'s",
                                 "compare bundles built from the same model")
     results = {}
-    with Runtime.open(manifest, backend, device) as rt, Runtime.reference(source) as ref, \
+    with Runtime.open(manifest, backend, device, tables=tables) as rt, Runtime.reference(source) as ref, \
             contextlib.ExitStack() as stack:
         other_rts = {f"compare: {o.root.name} ({', '.join(p['name'] for p in o.data['passes']) or 'no passes'})":
                      stack.enter_context(Runtime.open(o, backend, device)) for o in others}
@@ -269,10 +286,13 @@ def bench_bundle(bundle: str | Path | Manifest, *, checkpoint: str | Path | None
             if cache_modes and {s.role for s in manifest.segments} & {"user", "cache"}:
                 fns.update(_cache_runners(rt, manifest, req, label))
             results[n] = time_interleaved(fns, budget_s=budget_s)
+        store = store_stats(rt.tables) if tables and rt.tables is not None else None
     return {"users": users, "candidates": list(candidates), "device": device, "machine": machine_info(),
             "seq_len": seq_len, "note": "input validation excluded from timings; the plain bundle runner's "
             "requests carry no user ids (every request recomputes its user side)",
-            **({"engines": engines} if engines else {}), "runners": summarize(results),
+            **({"engines": engines} if engines else {}), **({"tables": store} if store else {}),
+            "runners": summarize(results),
+            **split_gain(manifest, label, dict(zip(other_rts, others)), summarize(results)),
             **({"peers_unavailable": unavailable_peers(peers)} if unavailable_peers(peers) else {})}
 
 

@@ -235,3 +235,18 @@ def test_scorer_survives_manifest_fuzzing(scorer: Path, bundle_copy_aoti: Path) 
 
 
 FUZZ_MUTATIONS = 40
+
+
+def test_bad_ids_are_refused_before_scoring(scorer: Path, bundle: Path, tmp_path: Path) -> None:
+    """An id outside its column's vocabulary (this manifest's older ``vocab`` field) is refused, exit 2,
+    with the Python runtime's message: never wrapped to another row."""
+    d = tmp_path / "req"
+    write_request(bundle, d)
+    cat = np.load(d / "user_cat.npy")
+    cat[0, 2] = -1
+    np.save(d / "user_cat.npy", cat)
+    r = subprocess.run([str(scorer), str(bundle), str(d)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    vocab = json.loads((bundle / "manifest.json").read_text())["model"]["inputs"][0]["vocab"][2]
+    assert r.stderr == (f"error: user input 'user_cat' column 2: 1 id outside its vocabulary (expected 0 <= id < "
+                        f"{vocab}), first -1 at index [0, 2]\n")

@@ -158,3 +158,20 @@ def test_a_malformed_tables_entry_is_one_line(broken: Path, edit, expect: str) -
     (broken / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BadInputError, match=expect):
         read_manifest(broken)
+
+
+@pytest.mark.parametrize("dtype,held", [("float16", "fp16"), ("int8", "w8a16")])
+def test_reduced_rows_are_held_to_their_dtype_tolerances(tiny_ckpt: Path, tmp_path: Path, dtype: str,
+                                                          held: str) -> None:
+    """float16/int8 rows round every lookup: the build's gate uses the rows' precision, and the
+    report says so; fp32 tolerances asked for by hand fail on the same bundle."""
+    out = tmp_path / dtype
+    build(tiny_ckpt, BuildOptions(out=out, passes=("externalize-embeddings",), bench=False, metrics=False,
+                                  pass_options=("externalize-embeddings.min_bytes=0",
+                                                f"externalize-embeddings.dtype={dtype}")))
+    parity = json.loads((out / "reports" / "parity.json").read_text())
+    assert (parity["status"], parity["precision"], parity["gate_precision"]) == ("PASS", "fp32", held)
+    assert parity["max_rel"] > 1e-5  # the rows did round: fp32's tolerances could not have passed
+    assert f"Held to the {held} tolerances" in (out / "reports" / "report.md").read_text()
+    r = run_cli("verify", str(out), "--no-metrics", "--rtol", "1e-6", "--atol", "1e-6")
+    assert r.code == 1 and "FAIL" in r.out + r.err

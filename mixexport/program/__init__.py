@@ -1,0 +1,1 @@
+"""Analyses of a torch.export program (the graph a user gives ``build``)."""
