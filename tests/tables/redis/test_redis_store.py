@@ -306,3 +306,37 @@ def test_verify_bench_and_triton_take_the_store(cluster: RedisCluster, ext_bundl
     assert "tables" in config and url in config
     r = run_cli("triton", str(fp32), "--out", str(tmp_path / "native"), "--flavour", "native", "--tables", url)
     assert r.code == 2 and "native flavour" in r.err
+
+
+def test_a_row_changed_since_a_killed_run_fails_the_read_back(cluster: RedisCluster, ext_bundles) -> None:
+    """A resumed publish skips the parts its killed run finished, but its read-back digests every
+    bucket: a row changed in Redis meanwhile is found (exit 1, one line), and nothing is flipped."""
+    fp32, int8 = ext_bundles
+    publish(fp32, cluster.url, name="tamper")
+    publish(int8, cluster.url, name="tamper")  # current: int8; fp32 stays complete as previous
+    version = _version(fp32)
+    c = Cluster([("127.0.0.1", cluster.ports[0])])
+    try:
+        _, record = read_record(c, "tamper", version, time.monotonic() + 5)
+        meta = int(c.owner[K.key_slot(K.model_key("tamper", "versions"))])
+        parts = [f"{t}/{k}" for t, lay in record["tables"].items() for k in range(int(lay["partitions"]))]
+        from mixexport.tables.redis.cluster import pack
+
+        # fp32 as a killed run leaves it: still publishing, every part recorded as written
+        c.roundtrip({meta: [pack("HSET", K.model_key("tamper", "versions"), version,
+                                 json.dumps({**record, "state": "publishing"})),
+                            pack("SADD", K.model_key("tamper", f"done:{version[:16]}"), *parts)]},
+                    time.monotonic() + 5)
+        table, lay = next(iter(record["tables"].items()))
+        key = K.bucket_key("tamper", version, table, lay["tags"][0])
+        node = int(c.owner[lay["slots"][0]])
+        (fields,) = c.roundtrip({node: [pack("HKEYS", key)]}, time.monotonic() + 5)[node]
+        (value,) = c.roundtrip({node: [pack("HGET", key, fields[0])]}, time.monotonic() + 5)[node]
+        changed = bytes([value[0] ^ 0x40]) + value[1:]  # one bit of one row
+        c.roundtrip({node: [pack("HSET", key, fields[0], changed)]}, time.monotonic() + 5)
+    finally:
+        c.close()
+    r = run_cli("publish", str(fp32), "--store", cluster.url, "--name", "tamper")
+    assert r.code == 1, r.err
+    assert "read back differ" in r.err and "not flipped" in r.err and "Traceback" not in r.err
+    assert cli(cluster.ports[0], "-c", "GET", "{mx:tamper}:current").strip() == _version(int8)
