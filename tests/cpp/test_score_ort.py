@@ -23,6 +23,7 @@ from mixexport.errors import MixexportError
 from mixexport.runtime import Runtime
 from mixexport.specs import Request, random_ids
 from tests.cli_helpers import edit_manifest
+from tests.cpp.manifest_fuzzing import assert_survives_manifest_fuzzing
 
 from .conftest import CppBuild
 
@@ -308,28 +309,7 @@ def test_bad_requests_get_the_python_runtime_message(exe: Path, bundles: dict[st
 def test_survives_manifest_fuzzing(exe: Path, bundles: dict[str, Path], tmp_path: Path) -> None:
     """Random structural mutations (mixexport.testing.manifest_fuzz) of a KV bundle's manifest, the richest
     one (cache spec, three segments): scores or one ``error:`` line, never a crash, hang or partial answer."""
-    import random
-
-    from mixexport.testing.manifest_fuzz import mutate
-
     bundle = tmp_path / "bundle"
     shutil.copytree(bundles["kv-longer"], bundle)
     write_request_dir(request_sequence(bundle)[0], tmp_path / "req")
-    path = bundle / "manifest.json"
-    manifest = json.loads(path.read_text())
-    outcomes = {"refused": 0, "accepted": 0}
-    for k in range(FUZZ_MUTATIONS):
-        kind, where, text = mutate(manifest, random.Random(f"cpp-ort/{k}"))
-        path.write_text(text)
-        r = subprocess.run([str(exe), str(bundle), str(tmp_path / "req")], capture_output=True, text=True,
-                           errors="replace", timeout=120)
-        label = f"mutation {k} ({kind}: {where[:80]})"
-        assert r.returncode in (0, 1, 2), (label, r.returncode, r.stderr[-500:])
-        if r.returncode:
-            assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: ") and r.stdout == "", \
-                (label, r.stderr[-500:])
-        outcomes["refused" if r.returncode else "accepted"] += 1
-    assert outcomes["refused"] > FUZZ_MUTATIONS // 2, outcomes
-
-
-FUZZ_MUTATIONS = 40
+    assert_survives_manifest_fuzzing(exe, bundle, tmp_path / "req", "cpp-ort", refusals=(1, 2))
