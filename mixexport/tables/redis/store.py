@@ -231,6 +231,9 @@ class RedisLookups(TableLookups):
     store: RedisTableStore
 
     def rows(self, wanted: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for entry in self.entries:  # the local store's refusal, before anything is fetched
+            if entry.name in wanted:
+                check_ids(entry, wanted[entry.name])
         return self.store.fetch(wanted)
 
 

@@ -62,8 +62,8 @@ class TableLookups:
         self.version = version
 
     def expand(self, request: Request) -> Request:
-        """``request`` plus the rows input of every replaced lookup, on the id input's side. Every
-        table's ids are checked before any row is looked up."""
+        """``request`` plus the rows input of every replaced lookup, on the id input's side (the
+        store refuses unknown ids: nothing is scored then)."""
         user, item = dict(request.user), dict(request.item)
         plans, wanted = [], {}
         for table in self.entries:
@@ -76,7 +76,6 @@ class TableLookups:
             if not ids_list:
                 continue
             distinct, inverse = np.unique(np.concatenate(ids_list), return_inverse=True)
-            check_ids(table, distinct)
             wanted[table.name] = distinct
             plans.append((table, sides, ids_list, inverse))
         rows = self.rows(wanted)
