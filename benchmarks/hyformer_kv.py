@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from mixexport.models import hyformer, save_checkpoint
     from mixexport.models.common import FeatureSchema
     from mixexport.pipeline import BuildOptions, build
-    from mixexport.verification import bench_bundle
+    from mixexport.verification.run import bench_bundle
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="base", choices=("tiny", "base"))

@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import onnx
 
@@ -39,9 +39,11 @@ from mixexport import __version__
 from mixexport.errors import BadInputError, GateFailedError, IntegrityError
 from mixexport.manifest_check import validate
 from mixexport.outdir import check_out, check_replaceable, is_write_error, write_error, write_marker
-from mixexport.source import Source, sha256_file
 from mixexport.specs import TensorSpec
 from mixexport.trust import check_files, external_data_files, file_digest, no_duplicate_keys, resolve_inside
+
+if TYPE_CHECKING:  # the build side's loader imports torch: serving a bundle never does
+    from mixexport.source import Source
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -177,7 +179,7 @@ class BundleWriter:
 
     def hashes(self) -> dict[str, str]:
         """sha256 of every file written so far (the manifest excluded), by bundle-relative path."""
-        return {rel: sha256_file(self.tmp / rel) for rel in self._files()}
+        return {rel: file_digest(self.tmp / rel) for rel in self._files()}
 
     def commit(self, manifest: dict[str, Any]) -> Path:
         manifest = dict(manifest)

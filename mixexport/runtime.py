@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -25,8 +25,10 @@ from mixexport.caches import DEFAULT_CACHE_BYTES, SequenceCache, UserStateCache,
 from mixexport.checked_load import open_sessions, read_segments
 from mixexport.errors import BadInputError, IntegrityError
 from mixexport.program.shapes import check_maximums
-from mixexport.source import Source
 from mixexport.specs import Request, TensorSpec, check_feeds
+
+if TYPE_CHECKING:  # torch (the eager reference) is imported only when a reference is asked for
+    from mixexport.source import Source
 
 class Runtime:
     """Runs a bundle's segments (or the eager reference) for requests."""

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,6 +20,7 @@ from mixexport.pt2 import is_pt2, load_program
 from mixexport.program.id_ranges import compat_vocab, id_notes
 from mixexport.program.ids import find_id_ranges
 from mixexport.specs import INPUT_ROLES, Request, TensorSpec, random_ids, role_from_name
+from mixexport.trust import file_digest
 
 EXAMPLE_BATCH = 5  # odd on purpose: avoids torch.export's 0/1 specialisation and clashes with T or D
 
@@ -106,14 +106,6 @@ class Source:
                 "metadata": self.metadata}
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_source(path: str | Path, roles: Mapping[str, str] | None = None) -> Source:
     """A checkpoint (``.pt``) or a torch.export program (``.pt2``), told apart by content."""
     path = Path(path)
@@ -133,7 +125,7 @@ def load_source(path: str | Path, roles: Mapping[str, str] | None = None) -> Sou
 
     multiples = model.dim_multiples() if hasattr(model, "dim_multiples") else {}
     minimums = model.dim_minimums() if hasattr(model, "dim_minimums") else {}
-    return Source(kind="checkpoint", path=path, sha256=sha256_file(path), inputs=model.input_specs(),
+    return Source(kind="checkpoint", path=path, sha256=file_digest(path), inputs=model.input_specs(),
                   outputs=model.output_specs(), module=model, family=ckpt.family, config=ckpt.config,
                   metadata=ckpt.metadata, default_passes=default_passes(ckpt.family, model.config),
                   multiples=multiples, minimums=minimums)

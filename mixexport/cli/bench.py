@@ -44,7 +44,7 @@ def command(ctx: click.Context, bundle: str, checkpoint: str | None, backend: st
     # torch loads; an explicit setting from the user wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from mixexport.backends.onnxruntime import describe_ort_build, ort_build
-    from mixexport.verification import bench_bundle
+    from mixexport.verification.run import bench_bundle
     from mixexport.program.precision_speed import slower_than_fp32, with_fp32_peer
     from mixexport.verification.report import latency_markdown
 

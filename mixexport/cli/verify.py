@@ -71,12 +71,6 @@ def command(ctx: click.Context, bundle: str, checkpoint: str | None, backend: st
     from mixexport.bundle import read_manifest
     from mixexport.verification.compare import parse_tolerances
 
-    if tables and engine == "ray":
-        from mixexport.errors import BadInputError
-
-        raise BadInputError("--tables works with --engine local only (Ray actors open their own stores)",
-                            "drop --engine ray, or --tables")
-
     if data is not None and not data.endswith(".npz"):
         if backend is not None or device != "cpu" or no_metrics:
             from mixexport.errors import BadInputError
@@ -91,7 +85,7 @@ def command(ctx: click.Context, bundle: str, checkpoint: str | None, backend: st
                                batch_rows=batch_rows, threads=threads, auc_bound=auc_bound, report_path=report_path,
                                atol=parse_tolerances(atol, "atol"), rtol=parse_tolerances(rtol, "rtol"),
                                as_json=as_json, tables=tables)
-    from mixexport.verification import verify_bundle
+    from mixexport.verification.run import verify_bundle
 
     with progress(ctx) as say:
         manifest = read_manifest(bundle, sha256=manifest_sha256)  # a bad path or pin: exit 1 before any work

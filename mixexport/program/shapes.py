@@ -21,12 +21,13 @@ failing on the program's own range checks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from mixexport.errors import BadInputError
 from mixexport.specs import Dim
+
+if TYPE_CHECKING:  # torch is imported where a graph is read: serving a bundle never needs it
+    import torch
 
 #: the size a named non-batch axis takes in example inputs when nothing asks for another: inside its
 #: range, not 0/1 (torch.export specialises those), and different from EXAMPLE_BATCH (5)
@@ -47,6 +48,8 @@ class ProgramDims:
 
 def program_dims(ep: torch.export.ExportedProgram, inputs: Sequence[str], roles: Mapping[str, str]) -> ProgramDims:
     """Name every symbol of ``ep``'s inputs (module docstring) and read its range."""
+    import torch
+
     import sympy
 
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
@@ -100,6 +103,8 @@ def _finite(bound: Any) -> int | None:
 def output_shape(val: Any, dims: ProgramDims) -> tuple[Dim, ...]:
     """An output's shape in the inputs' dim names; its leading axis is the batch axis (outputs are
     per row), whatever symbol the graph gave it."""
+    import torch
+
     out: list[Dim] = []
     for i, d in enumerate(getattr(val, "shape", ())):
         if i == 0:
@@ -162,6 +167,8 @@ def graph_maximums(gm: torch.fx.GraphModule, specs: Iterable[Any]) -> dict[str, 
     """Upper bounds of the named axes of ``specs`` as ``gm``'s placeholders carry them (the symbolic
     shapes a traced graph keeps from its program): what a pass's re-export of a segment must pass to
     ``Dim(max=)``, or torch refuses the re-export on the graph's own range checks."""
+    import torch
+
     placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     out: dict[str, int] = {}
     for spec in specs:

@@ -66,12 +66,14 @@ class Worker:
     def __init__(self, job: Job) -> None:
         from mixexport.bundle import read_manifest
 
-        if job.threads:
+        self.job = job
+        manifest = read_manifest(job.bundle)
+        needs_torch = (job.mode == "verify" and job.columns.reference is None) or \
+            any(s.backend != "onnxruntime" for s in manifest.segments)
+        if job.threads and needs_torch:  # an ONNX bundle scored without the eager model never imports torch (~3 s)
             import torch
 
             torch.set_num_threads(job.threads)
-        self.job = job
-        manifest = read_manifest(job.bundle)
         self.specs: tuple[TensorSpec, ...] = manifest.inputs
         self.first = manifest.outputs[0].name
         self.outputs = [s.name for s in manifest.outputs]

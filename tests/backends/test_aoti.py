@@ -71,7 +71,7 @@ def test_verify_and_bench_through_cli(aoti_bundle: Path) -> None:
     runners = json.loads(r.stdout)["runners"]
     assert set(runners) == {"eager", "bundle (aoti)"} and set(runners["bundle (aoti)"]) == {"1", "16"}
     # the bundle keeps its ONNX segments, so the same bundle benches with ONNX Runtime too
-    from mixexport.verification import bench_bundle
+    from mixexport.verification.run import bench_bundle
 
     report = bench_bundle(aoti_bundle, backend="onnxruntime", candidates=(4,), budget_s=0.02)
     assert set(report["runners"]) == {"eager", "bundle (onnxruntime)"}
