@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from mixexport.cli.options import emit_json, json_option, progress
+from mixexport.cli.options import emit_json, json_option, progress, tables_option
 from mixexport.cli.verify import scale_options
 
 
@@ -16,16 +16,19 @@ from mixexport.cli.verify import scale_options
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="New directory for the scores: one Parquet file per input file (row, key, label, outputs).")
 @scale_options
+@tables_option
 @json_option
 @click.pass_context
 def command(ctx: click.Context, bundle: str, data: str, out: str, label: str | None, key: str | None, engine: str,
-            address: str | None, workers: int, batch_rows: int, threads: int | None, as_json: bool) -> int:
+            address: str | None, workers: int, batch_rows: int, threads: int | None, tables: str | None,
+            as_json: bool) -> int:
     """Score every row of DATA with BUNDLE into OUT (written whole, or not at all)."""
     from mixexport.scale.run import score_dataset
 
     with progress(ctx) as say:
         result = score_dataset(bundle, data, out, label=label, key=key, engine=engine, address=address,
-                               workers=workers, batch_rows=batch_rows, threads=threads, progress=say)
+                               workers=workers, batch_rows=batch_rows, threads=threads, progress=say,
+                               tables=tables)
     if as_json:
         emit_json(result)
     else:

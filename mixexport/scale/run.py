@@ -40,6 +40,19 @@ def _engine(engine: str, files: list[str], job: Job, batch_rows: int, columns: l
     raise BadInputError(f"unknown engine {engine!r}", f"one of {', '.join(ENGINES)}")
 
 
+def _check_tables(manifest: Any, tables: str | None, engine: str) -> None:
+    """Open and close the table store once here when the workers are Ray actors, so that a wrong
+    ``--tables`` (an unknown store, a cluster that is down, a version not published) is one line
+    before Ray starts, not an actor's failure after it. The local engine's worker opens it at once."""
+    if tables is None or engine != "ray":
+        return
+    from mixexport.tables.open import open_store
+
+    lookups = open_store(manifest, tables, verify_files=False)  # check_integrity hashed the part files
+    if lookups is not None:
+        lookups.close()
+
+
 def _threads(threads: int | None, engine: str) -> int:
     """One intra-op thread per worker by default, on both engines: the workers (Ray actors) spread
     the work over the cores, and ONNX Runtime's results can change in the last bit with its thread
@@ -76,6 +89,7 @@ def verify_dataset(bundle: str | Path, data: str, *, label: str | None = None, k
     files = expand(data)
     cols, read = _columns(files, manifest.inputs, label, key, reference_column)
     rows = check_files(files, manifest.inputs, cols)
+    _check_tables(manifest, tables, engine)
     precision, per, default = bundle_tolerances(manifest, atol, rtol)
     tolerances = {"*": (default.rtol, default.atol), **{k: (t.rtol, t.atol) for k, t in per.items()}}
     job = Job(bundle=str(manifest.root), columns=cols, mode="verify", reference=reference, threads=_threads(threads, engine),
@@ -135,9 +149,10 @@ def write_report(report: dict[str, Any], path: str | Path) -> None:
 def score_dataset(bundle: str | Path, data: str, out: str | Path, *, label: str | None = None,
                   key: str | None = None, engine: str = "local", address: str | None = None, workers: int = 1,
                   batch_rows: int = DEFAULT_BATCH_ROWS, threads: int | None = None,
-                  progress: Progress | None = None) -> dict[str, Any]:
+                  progress: Progress | None = None, tables: str | None = None) -> dict[str, Any]:
     """Write one Parquet file of scores per input file into ``out`` (a new directory, renamed into
-    place when every file is complete). Returns what was written."""
+    place when every file is complete). Returns what was written. ``tables``: the store of a bundle
+    with externalized tables (``Runtime.open``'s; every worker, Ray actors included, opens its own)."""
     from mixexport.bundle import check_integrity, read_manifest
     from mixexport.outdir import check_out, is_write_error, write_error
 
@@ -154,7 +169,8 @@ def score_dataset(bundle: str | Path, data: str, out: str | Path, *, label: str 
         label = "label"
     cols, read = _columns(files, manifest.inputs, label, key, None)
     rows = check_files(files, manifest.inputs, cols)
-    job = Job(bundle=str(manifest.root), columns=cols, mode="score", threads=_threads(threads, engine))
+    _check_tables(manifest, tables, engine)
+    job = Job(bundle=str(manifest.root), columns=cols, mode="score", threads=_threads(threads, engine), tables=tables)
     try:
         out.resolve().parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.resolve().parent, prefix=f".{out.name}.tmp-"))

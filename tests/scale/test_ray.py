@@ -75,3 +75,41 @@ def test_a_dead_actor_is_one_line_and_no_report(ray_local, split_bundle: Path, e
         stop.set()
         killer.join()
     assert killed and "\n" not in err.value.message
+
+
+@pytest.fixture(scope="module")
+def tables_bundle(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny rankmixer with its item table out (two partitions), and 600 rows for it in two files."""
+    from mixexport.pipeline import BuildOptions, build
+    from mixexport.scale.synth import write_eval_parquet
+
+    root = tmp_path_factory.mktemp("ray-tables")
+    build(tiny_ckpt, BuildOptions(out=root / "ext", passes=("externalize-embeddings",), bench=False, metrics=False,
+                                  pass_options=("externalize-embeddings.tables=embed_item_table",
+                                                "externalize-embeddings.partitions=2")))
+    write_eval_parquet(root / "ext", root / "rows", rows=600, files=2, seed=5)
+    return root
+
+
+def test_ray_actors_open_the_table_store(ray_local, tables_bundle: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    """--tables reaches every actor: the ray engine's report and scores are the local engine's."""
+    bundle, rows = tables_bundle / "ext", str(tables_bundle / "rows")
+    local, _ = verify_dataset(bundle, rows, reference=str(tiny_ckpt), tables="local")
+    remote, facts = verify_dataset(bundle, rows, reference=str(tiny_ckpt), tables="local", engine="ray", workers=2,
+                                   batch_rows=128)
+    assert facts["engine"] == "ray" and dumps(remote) == dumps(local)
+    score_dataset(bundle, rows, tmp_path / "local", tables="local")
+    score_dataset(bundle, rows, tmp_path / "ray", tables="local", engine="ray", workers=2, batch_rows=97)
+    for p in sorted((tmp_path / "local").glob("*.parquet")):
+        assert pq.read_table(tmp_path / "ray" / p.name).equals(pq.read_table(p))
+
+
+def test_a_wrong_table_store_is_one_line_before_any_scoring(tables_bundle: Path, tmp_path: Path) -> None:
+    from tests.cli_helpers import run_cli
+
+    r = run_cli("score", str(tables_bundle / "ext"), "--data", str(tables_bundle / "rows"), "--out",
+                str(tmp_path / "s"), "--engine", "ray", "--tables", "memcached://x")
+    errors = [ln for ln in r.err.splitlines() if ln.startswith("error:")]
+    assert r.code == 2 and errors == ["error: unknown table store 'memcached://x'"] and "Traceback" not in r.err
+    assert "scoring" not in r.err
+    assert not (tmp_path / "s").exists()
