@@ -4,6 +4,7 @@ combination × request shapes, each built, verified and scored (see :mod:`mixexp
 
     python scripts/fuzz_parity.py --cases 200 --seed 1 --out fuzz-report.json
     python scripts/fuzz_parity.py --seed 1 --start 37 --cases 1 --shrink    # re-run (and shrink) case 37
+    python scripts/fuzz_parity.py --corpus --cases 40 --seed 1                # users' own programs (tests/corpus)
 
 Case ``i`` of a seed is the same on every machine, so a failure is reproduced by ``--seed S
 --start i --cases 1``. Progress goes to stderr, the summary to stdout, and the JSON report (per
@@ -23,13 +24,20 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any, Iterator
 
-from mixexport.testing.fuzz import (Case, combinations, describe, generate_cases, run_case, shrink, signature,
-                            summarize)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout: mixexport and tests/corpus
+
+from mixexport.testing.fuzz import (Case, combinations, describe, generate_cases, shrink,  # noqa: E402
+                                    signature, summarize)
+from mixexport.testing.program_fuzz import ProgramCase, generate_program_cases, run_any_case  # noqa: E402
 
 
 def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", type=int, default=len(combinations()), help="how many cases to try")
+    ap.add_argument("--cases", type=int, default=None,
+                    help="how many cases to try (default: every combination once, or every corpus entry once)")
+    ap.add_argument("--corpus", action="store_true",
+                    help="fuzz the corpus of users' own programs (tests/corpus: DIN, BST, DCN-v2, ...) instead "
+                         "of the mixer families: each entry's .pt2 built with its passes, scored on ranged requests")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start", type=int, default=0, help="index of the first case (to resume or re-run one)")
     ap.add_argument("--out", type=Path, default=Path("fuzz-report.json"))
@@ -48,7 +56,18 @@ def _parse() -> argparse.Namespace:
                     help="also build every case's segments with this TensorRT backend (tensorrt-rtx: no GPU needed)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where checkpoints and failing bundles go (default: a temporary directory)")
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.corpus:
+        clash = [flag for flag, v in (("--families", args.families), ("--with-pass", args.with_pass),
+                                      ("--limit", args.limit), ("--engines", args.engines), ("--shrink", args.shrink))
+                 if v]
+        if clash:
+            ap.error(f"--corpus draws request shapes for fixed programs; {', '.join(clash)} applies to the families")
+    return args
+
+
+def _describe(case: Case | ProgramCase) -> str:
+    return case.describe() if isinstance(case, ProgramCase) else describe(case)
 
 
 def _write(path: Path, args: argparse.Namespace, results: list[dict[str, Any]], shrunk: list[dict[str, Any]],
@@ -76,8 +95,8 @@ def _print_summary(summary: dict[str, Any], seconds: float, shrunk: list[dict[st
         print(f"\nshrunk ({s['shrink_runs']} builds): {describe(Case.from_json(s['case']))}\n  {signature(s)}")
 
 
-def _run_all(cases: list[Case], work: Path, jobs: int, budget: float | None,
-             t0: float, engines: str | None = None) -> Iterator[tuple[int, Case, dict[str, Any]]]:
+def _run_all(cases: list[Case] | list[ProgramCase], work: Path, jobs: int, budget: float | None,
+             t0: float, engines: str | None = None) -> Iterator[tuple[int, Case | ProgramCase, dict[str, Any]]]:
     """(index, case, result) as cases finish, ``jobs`` at a time; none starts after ``budget`` s."""
     def over() -> bool:
         return budget is not None and time.perf_counter() - t0 > budget
@@ -87,14 +106,14 @@ def _run_all(cases: list[Case], work: Path, jobs: int, budget: float | None,
             if over():
                 print(f"time budget reached after {i} cases", file=sys.stderr)
                 return
-            yield i, case, run_case(case, work, engines=engines)
+            yield i, case, run_any_case(case, work, engines=engines)
         return
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending: dict[Future, int] = {}
         nxt = 0
         while nxt < len(cases) or pending:
             while nxt < len(cases) and len(pending) < jobs and not over():
-                pending[pool.submit(run_case, cases[nxt], work, False, engines)] = nxt
+                pending[pool.submit(run_any_case, cases[nxt], work, False, engines)] = nxt
                 nxt += 1
             if not pending:
                 print(f"time budget reached after {nxt} cases", file=sys.stderr)
@@ -108,7 +127,15 @@ def _run_all(cases: list[Case], work: Path, jobs: int, budget: float | None,
 def main() -> int:
     args = _parse()
     families = [f for f in args.families.split(",") if f] or None
-    cases = generate_cases(args.cases, args.seed, args.limit, families, start=args.start, with_pass=args.with_pass)
+    cases: list[Case] | list[ProgramCase]
+    if args.corpus:
+        from tests.corpus import fuzz_entries
+
+        entries = fuzz_entries()
+        cases = generate_program_cases(entries, args.cases or len(entries), args.seed, start=args.start)
+    else:
+        cases = generate_cases(args.cases or len(combinations()), args.seed, args.limit, families, start=args.start,
+                               with_pass=args.with_pass)
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="mixexport-fuzz-")
     work = args.workdir or Path(tmp.name)  # type: ignore[union-attr]
     results: list[dict[str, Any]] = []
@@ -119,7 +146,7 @@ def main() -> int:
             result["index"] = args.start + i
             results.append(result)
             status = "ok" if result["passed"] else "FAIL"
-            print(f"[{args.start + i}] {status} {result['seconds']:.1f}s {describe(case)}", file=sys.stderr)
+            print(f"[{args.start + i}] {status} {result['seconds']:.1f}s {_describe(case)}", file=sys.stderr)
             if not result["passed"]:
                 print(f"    {signature(result)}", file=sys.stderr)
             results.sort(key=lambda r: r["index"])
