@@ -20,23 +20,16 @@ unknown keys are ignored, as the schema version allows additions.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from mixexport.errors import BadInputError
-from mixexport.names import NAME_RULE, name_problem
+from mixexport.manifest_values import MAX_ITEMS, Check, kind, short
 from mixexport.trust import resolve_inside
 
-HINT = "rebuild the bundle, or fetch it again from where it was published"
 SEGMENT_ROLES = ("full", "cache", "user", "item")
 LAYOUTS = ({"full"}, {"user", "item"}, {"cache", "item"}, {"cache", "user", "item"})
 RUN_ORDER = {"cache": 0, "full": 1, "user": 1, "item": 2}
-TENSOR_ROLES = ("user", "item", "sequence", "state", "cache", "index", "output")
-MAX_DIM = 2**31 - 1
-MAX_ITEMS = 4096            # list lengths (specs per segment, files, passes)
-_DTYPE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 ORT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
 ORT_OPTIONS = ("graph_optimization_level", "config", "intra_op_num_threads")
@@ -55,115 +48,10 @@ ORT_CONFIG = {
 }
 
 
-class _Check:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def fail(self, where: str, problem: str) -> BadInputError:
-        return BadInputError(f"{self.path}: {where} {problem}", HINT)
-
-    def obj(self, v: Any, where: str) -> dict[str, Any]:
-        if not isinstance(v, dict):
-            raise self.fail(where, f"must be an object, found {_kind(v)}")
-        return v
-
-    def array(self, v: Any, where: str, lo: int = 0) -> list[Any]:
-        if not isinstance(v, list):
-            raise self.fail(where, f"must be a list, found {_kind(v)}")
-        if not lo <= len(v) <= MAX_ITEMS:
-            raise self.fail(where, f"must hold {lo} to {MAX_ITEMS} entries, found {len(v)}")
-        return v
-
-    def key(self, d: dict[str, Any], key: str, where: str) -> Any:
-        if key not in d:
-            raise self.fail(where, f"is missing {key!r}")
-        return d[key]
-
-    def name(self, v: Any, where: str, longest: int = 256) -> str:
-        if not isinstance(v, str):
-            raise self.fail(where, f"must be a string, found {_kind(v)}")
-        if not 0 < len(v) <= longest or not v.isprintable() or not _utf8(v):
-            raise self.fail(where, f"must be 1 to {longest} printable characters, found {_short(v)}")
-        return v
-
-    def ident(self, v: Any, where: str) -> str:
-        """A name that may become a file, directory or config entry (a segment, tensor or cache):
-        the one name rule of :mod:`mixexport.names`."""
-        problem = name_problem(self.name(v, where))
-        if problem is not None:
-            raise self.fail(where, f"is {_short(v)}, which breaks the name rule ({NAME_RULE}): {problem}")
-        return v
-
-    def integer(self, v: Any, where: str, lo: int = 0, hi: int = MAX_DIM) -> int:
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise self.fail(where, f"must be an integer, found {_kind(v)}")
-        if not lo <= v <= hi:
-            raise self.fail(where, f"must be in [{lo}, {hi}], found {_short(v)}")
-        return v
-
-    def number(self, v: Any, where: str) -> float:
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-            raise self.fail(where, f"must be a finite number >= 0, found {_short(v)}")
-        return float(v)
-
-    def choice(self, v: Any, where: str, allowed: tuple[str, ...]) -> str:
-        if v not in allowed:
-            raise self.fail(where, f"is {_short(v)}, expected one of {', '.join(allowed)}")
-        return v
-
-    def spec(self, v: Any, where: str) -> dict[str, Any]:
-        d = self.obj(v, where)
-        self.ident(self.key(d, "name", where), f"{where}.name")
-        dtype = self.key(d, "dtype", where)
-        if not isinstance(dtype, str) or not _DTYPE.fullmatch(dtype):
-            raise self.fail(f"{where}.dtype", f"must be a dtype name (float32, int64, ...), found {_short(dtype)}")
-        shape = self.array(self.key(d, "shape", where), f"{where}.shape")
-        if len(shape) > 16:
-            raise self.fail(f"{where}.shape", f"has {len(shape)} axes, more than 16")
-        for k, dim in enumerate(shape):
-            if isinstance(dim, str):
-                self.name(dim, f"{where}.shape[{k}]", longest=64)
-            else:
-                self.integer(dim, f"{where}.shape[{k}]")
-        self.choice(self.key(d, "role", where), f"{where}.role", TENSOR_ROLES)
-        vocab = d.get("vocab")
-        if isinstance(vocab, list):
-            self.array(vocab, f"{where}.vocab", lo=1)
-            for k, n in enumerate(vocab):
-                self.integer(n, f"{where}.vocab[{k}]", lo=1, hi=2**62)
-            if shape and isinstance(shape[-1], int) and len(vocab) != shape[-1]:
-                raise self.fail(f"{where}.vocab", f"has {len(vocab)} entries for a last axis of {shape[-1]}")
-        elif vocab is not None:
-            self.integer(vocab, f"{where}.vocab", lo=1, hi=2**62)
-        ids = d.get("ids")
-        if ids is not None:  # id ranges found in the graph (mixexport/program/ids.py)
-            self.array(ids, f"{where}.ids", lo=1)
-            for k, r in enumerate(ids):
-                if r is None:
-                    continue
-                if not isinstance(r, dict):
-                    raise self.fail(f"{where}.ids[{k}]", f"must be an object or null, found {_kind(r)}")
-                low = self.integer(self.key(r, "low", f"{where}.ids[{k}]"), f"{where}.ids[{k}].low", lo=0, hi=2**62)
-                if r.get("high") is not None:
-                    self.integer(r["high"], f"{where}.ids[{k}].high", lo=low + 1, hi=2**63 - 1)
-            if len(ids) > 1 and shape and isinstance(shape[-1], int) and len(ids) != shape[-1]:
-                raise self.fail(f"{where}.ids", f"has {len(ids)} entries for a last axis of {shape[-1]}")
-        return d
-
-    def specs(self, v: Any, where: str, lo: int = 0) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for k, s in enumerate(self.array(v, where, lo)):
-            s = self.spec(s, f"{where}[{k}]")
-            if s["name"] in out:
-                raise self.fail(where, f"names {s['name']!r} twice")
-            out[s["name"]] = s
-        return out
-
-
 def validate(path: Path, root: Path, data: dict[str, Any]) -> None:
     """Raise one :class:`BadInputError` (or an :class:`IntegrityError` for a path leaving the bundle)
     for the first problem of the manifest ``data`` read from ``path`` in bundle ``root``."""
-    c = _Check(path)
+    c = Check(path)
     # JSON true is not 1 (Python's bool is an int, so ``True == 1`` passed the version check)
     c.integer(data["schema_version"], "schema_version", lo=1)
     model = c.obj(data["model"], "model")
@@ -175,7 +63,7 @@ def validate(path: Path, root: Path, data: dict[str, Any]) -> None:
             c.name(data[key], key, longest=64)
     for key in ("parity", "tolerance"):
         if data.get(key) is not None and not isinstance(data[key], dict):
-            raise c.fail(key, f"must be an object or null, found {_kind(data[key])}")
+            raise c.fail(key, f"must be an object or null, found {kind(data[key])}")
     if data.get("tolerance") is not None:
         for key in ("rtol", "atol"):
             c.number(c.key(data["tolerance"], key, "tolerance"), f"tolerance.{key}")
@@ -185,7 +73,7 @@ def validate(path: Path, root: Path, data: dict[str, Any]) -> None:
     for rel, digest in files.items():
         resolve_inside(root, rel, "files key")
         if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
-            raise c.fail(f"files[{rel!r}]", f"must be a sha256 (64 lowercase hex digits), found {_short(digest)}")
+            raise c.fail(f"files[{rel!r}]", f"must be a sha256 (64 lowercase hex digits), found {short(digest)}")
     segments = _segments(c, root, data["segments"])
     _graph(c, segments, {**inputs, **_tables(c, root, data.get("tables"), inputs)}, outputs)
     _caches(c, data["caches"], segments, inputs)
@@ -194,17 +82,17 @@ def validate(path: Path, root: Path, data: dict[str, Any]) -> None:
         c.name(c.key(p, "name", f"passes[{k}]"), f"passes[{k}].name", longest=64)
         for key in ("options", "report"):
             if not isinstance(p.get(key, {}), dict):
-                raise c.fail(f"passes[{k}].{key}", f"must be an object, found {_kind(p[key])}")
+                raise c.fail(f"passes[{k}].{key}", f"must be an object, found {kind(p[key])}")
         if p["name"] == "quantize-w8a16":
             _w8a16_report(c, p.get("report") or {}, f"passes[{k}].report")
 
 
-def _model(c: _Check, model: dict[str, Any]) -> None:
+def _model(c: Check, model: dict[str, Any]) -> None:
     source = c.obj(model["source"], "model.source")
     c.name(c.key(source, "path", "model.source"), "model.source.path", longest=4096)
     sha = c.key(source, "sha256", "model.source")
     if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
-        raise c.fail("model.source.sha256", f"must be a sha256 (64 lowercase hex digits), found {_short(sha)}")
+        raise c.fail("model.source.sha256", f"must be a sha256 (64 lowercase hex digits), found {short(sha)}")
     if model.get("family") is not None:
         c.name(model["family"], "model.family", longest=64)
     roles = model.get("roles")
@@ -225,7 +113,7 @@ def _model(c: _Check, model: dict[str, Any]) -> None:
         c.integer(hi, f"model.maximums[{c.name(name, 'model.maximums key', 64)!r}]", lo=1, hi=2**31)
 
 
-def _segments(c: _Check, root: Path, value: Any) -> list[dict[str, Any]]:
+def _segments(c: Check, root: Path, value: Any) -> list[dict[str, Any]]:
     segments = c.array(value, "segments", lo=1)
     names: set[str] = set()
     for i, seg in enumerate(segments):
@@ -264,7 +152,7 @@ def _segments(c: _Check, root: Path, value: Any) -> list[dict[str, Any]]:
     return sorted(segments, key=lambda s: RUN_ORDER[s["role"]])
 
 
-def _session_options(c: _Check, backend: str, options: dict[str, Any], where: str) -> None:
+def _session_options(c: Check, backend: str, options: dict[str, Any], where: str) -> None:
     if backend == "onnxruntime":
         unknown = sorted(set(options) - set(ORT_OPTIONS))
         if unknown:
@@ -276,17 +164,17 @@ def _session_options(c: _Check, backend: str, options: dict[str, Any], where: st
             c.integer(options["intra_op_num_threads"], f"{where}.intra_op_num_threads", hi=1024)
         for key, value in c.obj(options.get("config", {}), f"{where}.config").items():
             if key not in ORT_CONFIG:
-                raise c.fail(f"{where}.config", f"sets {_short(key)}, which a bundle may not set (allowed: "
+                raise c.fail(f"{where}.config", f"sets {short(key)}, which a bundle may not set (allowed: "
                                                 f"{', '.join(ORT_CONFIG)})")
             if not isinstance(value, (str, int)) or isinstance(value, bool) or not ORT_CONFIG[key].fullmatch(str(value)):
-                raise c.fail(f"{where}.config[{key!r}]", f"is {_short(value)}, not a value ONNX Runtime takes "
+                raise c.fail(f"{where}.config[{key!r}]", f"is {short(value)}, not a value ONNX Runtime takes "
                                                          f"({ORT_CONFIG[key].pattern})")
         return
     if backend in ("tensorrt", "tensorrt-rtx"):  # archs: ["sm86", …]; profile: {axis: [min, opt, max]}
         options = dict(options)
         for k, arch in enumerate(c.array(options.pop("archs", None) or [], f"{where}.archs")):
             if not isinstance(arch, str) or not re.fullmatch(r"sm\d{2,3}", arch):
-                raise c.fail(f"{where}.archs[{k}]", f"is {_short(arch)}, not a compute capability like sm86")
+                raise c.fail(f"{where}.archs[{k}]", f"is {short(arch)}, not a compute capability like sm86")
         for axis, box in c.obj(options.pop("profile", None) or {}, f"{where}.profile").items():
             c.name(axis, f"{where}.profile key", longest=64)
             box = c.array(box, f"{where}.profile[{axis!r}]", lo=3)
@@ -300,12 +188,12 @@ def _session_options(c: _Check, backend: str, options: dict[str, Any], where: st
         if not isinstance(value, scalar) and not (isinstance(value, list) and len(value) <= 64
                                                   and all(isinstance(v, scalar) for v in value)):
             raise c.fail(f"{where}[{key!r}]", f"must be a string, number, boolean or a short list of them, "
-                                              f"found {_kind(value)}")
+                                              f"found {kind(value)}")
     if backend == "aoti" and "device" in options:
         c.choice(options["device"], f"{where}.device", ("cpu", "cuda"))
 
 
-def _graph(c: _Check, segments: list[dict[str, Any]], inputs: Mapping[str, dict[str, Any]],
+def _graph(c: Check, segments: list[dict[str, Any]], inputs: Mapping[str, dict[str, Any]],
            outputs: Mapping[str, dict[str, Any]]) -> None:
     """Segments in run order; each reads model inputs, ``user_index`` or earlier segments' outputs."""
     producer: dict[str, tuple[int, str, dict[str, Any]]] = {}
@@ -334,13 +222,13 @@ def _graph(c: _Check, segments: list[dict[str, Any]], inputs: Mapping[str, dict[
                 raise c.fail(where, f"is {s['dtype']} {s['role']} of rank {len(s['shape'])}, but its source is "
                                     f"{want['dtype']} {want['role']} of rank {len(want['shape'])}")
             if not _same_axes(s["shape"], want["shape"], exact=s["name"] not in inputs):
-                raise c.fail(where, f"has shape {_short(s['shape'])}, but its source has {_short(want['shape'])}")
+                raise c.fail(where, f"has shape {short(s['shape'])}, but its source has {short(want['shape'])}")
     last = segments[-1]
     got = {s["name"]: s for s in last["outputs"]}
     for name, spec in outputs.items():
         if name not in got or got[name]["dtype"] != spec["dtype"] or not _same_axes(got[name]["shape"], spec["shape"]):
             raise c.fail(f"segment {last['name']!r}", f"does not output the model output {name!r} "
-                                                      f"({spec['dtype']}{_short(spec['shape'])})")
+                                                      f"({spec['dtype']}{short(spec['shape'])})")
 
 
 def _same_axes(a: list[Any], b: list[Any], exact: bool = False) -> bool:
@@ -357,7 +245,7 @@ def _same_axes(a: list[Any], b: list[Any], exact: bool = False) -> bool:
     return True
 
 
-def _caches(c: _Check, value: Any, segments: list[dict[str, Any]], inputs: Mapping[str, dict[str, Any]]) -> None:
+def _caches(c: Check, value: Any, segments: list[dict[str, Any]], inputs: Mapping[str, dict[str, Any]]) -> None:
     caches = c.array(value, "caches")
     producer = next((s for s in segments if s["role"] == "cache"), None)
     if (producer is None) != (not caches) or len(caches) > 1:
@@ -370,7 +258,7 @@ def _caches(c: _Check, value: Any, segments: list[dict[str, Any]], inputs: Mappi
         c.key(cache, key, where)
     c.ident(cache["name"], f"{where}.name")
     if cache["producer"] != producer["name"]:
-        raise c.fail(f"{where}.producer", f"is {_short(cache['producer'])}, not the cache segment {producer['name']!r}")
+        raise c.fail(f"{where}.producer", f"is {short(cache['producer'])}, not the cache segment {producer['name']!r}")
     tensors = c.specs(cache["tensors"], f"{where}.tensors", lo=1)
     outs = {s["name"]: s for s in producer["outputs"]}
     axes = c.obj(cache["seq_axis"], f"{where}.seq_axis")
@@ -382,12 +270,12 @@ def _caches(c: _Check, value: Any, segments: list[dict[str, Any]], inputs: Mappi
         c.integer(axes[name], f"{where}.seq_axis[{name!r}]", hi=len(spec["shape"]) - 1)
     seq = c.name(cache["input"], f"{where}.input")
     if seq not in inputs or inputs[seq]["role"] != "sequence" or seq not in {s["name"] for s in producer["inputs"]}:
-        raise c.fail(f"{where}.input", f"is {_short(seq)}, not a sequence input of the cache segment")
+        raise c.fail(f"{where}.input", f"is {short(seq)}, not a sequence input of the cache segment")
     c.integer(cache["items_per_position"], f"{where}.items_per_position", lo=1, hi=2**20)
     if "bytes_per_position" in cache:
         c.integer(cache["bytes_per_position"], f"{where}.bytes_per_position", hi=2**62)
     if not isinstance(cache["appendable"], bool):
-        raise c.fail(f"{where}.appendable", f"must be true or false, found {_kind(cache['appendable'])}")
+        raise c.fail(f"{where}.appendable", f"must be true or false, found {kind(cache['appendable'])}")
     if "layout" in cache:
         layout = c.obj(cache["layout"], f"{where}.layout")
         if set(layout) - set(outs):
@@ -400,31 +288,13 @@ def _caches(c: _Check, value: Any, segments: list[dict[str, Any]], inputs: Mappi
                 c.integer(entry.get("window"), f"{where}.layout[{name!r}].window", lo=1, hi=2**20)
 
 
-def _w8a16_report(c: _Check, report: dict[str, Any], where: str) -> None:
+def _w8a16_report(c: Check, report: dict[str, Any], where: str) -> None:
     for name, seg in c.obj(report.get("segments") or {}, f"{where}.segments").items():
         seg = c.obj(seg, f"{where}.segments[{name!r}]")
         weights = seg.get("int8_weights")
         if weights is not None:
             for k, w in enumerate(c.array(weights, f"{where}.segments[{name!r}].int8_weights")):
                 c.name(w, f"{where}.segments[{name!r}].int8_weights[{k}]", longest=1024)
-
-
-def _utf8(v: str) -> bool:
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _kind(v: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 80 else text[:72] + "…" + text[-6:]
 
 
 #: axes the runtime acts on by name (rows per user, per candidate): a file and its manifest must agree
@@ -457,7 +327,7 @@ def interface_mismatch(specs: tuple[Any, ...], found: list[tuple[str, str, list[
     return None
 
 
-def _tables(c: _Check, root: Path, value: Any, inputs: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _tables(c: Check, root: Path, value: Any, inputs: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Externalized tables (``externalize-embeddings``, docs/tables.md): each entry's shape, dtypes,
     partitions and part paths (the path rule, under ``tables/<name>/``), and the id inputs it serves;
     returns the rows inputs they add, which segments may read like model inputs."""
@@ -472,7 +342,7 @@ def _tables(c: _Check, root: Path, value: Any, inputs: Mapping[str, dict[str, An
             c.key(t, key, where)
         name = c.ident(t["name"], f"{where}.name")
         if not NAME.fullmatch(name) or name in names:
-            raise c.fail(f"{where}.name", f"is {_short(name)}: expected a unique name of letters, digits and _")
+            raise c.fail(f"{where}.name", f"is {short(name)}: expected a unique name of letters, digits and _")
         names.add(name)
         rows = c.integer(t["rows"], f"{where}.rows", lo=1, hi=2**62)
         c.integer(t["dim"], f"{where}.dim", lo=1)
@@ -482,7 +352,7 @@ def _tables(c: _Check, root: Path, value: Any, inputs: Mapping[str, dict[str, An
         if t.get("padding_idx") is not None:
             c.integer(t["padding_idx"], f"{where}.padding_idx", hi=rows - 1)
         if not isinstance(t["version"], str) or not _HEX64.fullmatch(t["version"]):
-            raise c.fail(f"{where}.version", f"must be a sha256, found {_short(t['version'])}")
+            raise c.fail(f"{where}.version", f"must be a sha256, found {short(t['version'])}")
         total = 0
         for j, part in enumerate(c.array(t["parts"], f"{where}.parts", lo=parts)):
             part = c.obj(part, f"{where}.parts[{j}]")
@@ -493,7 +363,7 @@ def _tables(c: _Check, root: Path, value: Any, inputs: Mapping[str, dict[str, An
                     continue
                 c.name(rel, f"{where}.parts[{j}].{key}", longest=4096)
                 if not rel.startswith(f"tables/{name}/"):
-                    raise c.fail(f"{where}.parts[{j}].{key}", f"is {_short(rel)}, expected a file under tables/{name}/")
+                    raise c.fail(f"{where}.parts[{j}].{key}", f"is {short(rel)}, expected a file under tables/{name}/")
                 resolve_inside(root, rel, f"{where}.parts[{j}].{key}")
         if len(t["parts"]) != parts or total != rows:
             raise c.fail(f"{where}.parts", f"holds {len(t['parts'])} parts of {total} rows, expected {parts} of {rows}")
@@ -501,14 +371,14 @@ def _tables(c: _Check, root: Path, value: Any, inputs: Mapping[str, dict[str, An
             use = c.obj(use, f"{where}.inputs[{j}]")
             source = inputs.get(c.name(c.key(use, "input", f"{where}.inputs[{j}]"), f"{where}.inputs[{j}].input"))
             if source is None:
-                raise c.fail(f"{where}.inputs[{j}].input", f"is {_short(use['input'])}, not a model input")
+                raise c.fail(f"{where}.inputs[{j}].input", f"is {short(use['input'])}, not a model input")
             if use.get("column") is not None:
                 c.integer(use["column"], f"{where}.inputs[{j}].column", hi=len(source["shape"]))
             for i, off in enumerate(c.array(use.get("offsets") or [0], f"{where}.inputs[{j}].offsets", lo=1)):
                 c.integer(off, f"{where}.inputs[{j}].offsets[{i}]", hi=2**62)
             spec = c.spec(c.key(use, "rows_input", f"{where}.inputs[{j}]"), f"{where}.inputs[{j}].rows_input")
             if spec["name"] in inputs or spec["name"] in added or spec["role"] != source["role"]:
-                raise c.fail(f"{where}.inputs[{j}].rows_input", f"{_short(spec['name'])} must be a new name with "
+                raise c.fail(f"{where}.inputs[{j}].rows_input", f"{short(spec['name'])} must be a new name with "
                                                                 f"the role of {source['name']!r}")
             added[spec["name"]] = spec
     return added
