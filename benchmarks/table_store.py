@@ -10,9 +10,11 @@ the client. Measured:
 - fetch: one request = 256 distinct item ids drawn Zipf s=1.1 over the table, plus 1 more id (the
   user's), all from the item table (the only table out); ids in -> one float array out
   (``RedisTableStore.fetch``). Cold = row cache off; warm = a cache of 5 % of the rows, warmed with
-  as many requests first; the two interleaved request by request. p50/p95/p99 over ``--requests``;
-- layouts: the same fetch with no cache from per-bucket hashes (HMGET, the store's layout) and from
-  per-id keys (MGET grouped by slot), published side by side;
+  as many requests first; the two interleaved request by request. p50/p95/p99 over ``--requests``,
+  the client's CPU time, the hit rate. Timed first, while the cluster holds the store's layout only;
+- layouts: then the table is written again as per-id keys, and the fetch with no cache from
+  per-bucket hashes (HMGET, the store's layout) and from per-id keys (MGET grouped by slot) are
+  timed, interleaved;
 - end to end: score p50 at 1 user x 256 candidates, local store vs redis store (default cache),
   interleaved.
 
@@ -80,11 +82,14 @@ def pct(times: list[float]) -> dict[str, float]:
 def interleave(fns: dict[str, Callable[[int], Any]], n: int,
                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Request ``i`` of every function back to back, for i in range(n): a noisy neighbour slows all
-    alike. ``cpu`` (if given) gets this process's CPU time per call: the client's own cost, which
-    the load on the machine does not inflate the way it inflates the wall time."""
+    alike (the order flips every request, so that none always runs first). ``cpu`` (if given) gets
+    this process's CPU time per call: the client's own cost, which the load on the machine does not
+    inflate the way it inflates the wall time."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
     for i in range(n):
-        for k, fn in fns.items():
+        for k in names if i % 2 == 0 else names[::-1]:
+            fn = fns[k]
             c0, t0 = time.process_time(), time.perf_counter()
             fn(i)
             times[k].append(time.perf_counter() - t0)
@@ -145,7 +150,7 @@ def per_id_layout(store: Any, table: str, parts: Any, requests: list[np.ndarray]
         got = np.frombuffer(b"".join(v for node, k in where for v in replies[node][k]), np.uint8)
         out = np.empty((ids.size, t.value_bytes), np.uint8)
         out[order] = got.reshape(ids.size, t.value_bytes)
-        return out[:, :t.entry.dim * 2].copy().view(np.float16).astype(np.float32)
+        return store._decode(t, out)  # the store's decode, so that only the layouts differ
 
     return fetch, rate
 
@@ -203,20 +208,18 @@ def main() -> int:
         for i in range(len(requests)):  # warm the cache (and the connections) with as many requests
             warm.store.fetch({table: requests[i]})
         cold.store.fetch({table: requests[0]})
-        warm_before = warm.store.cache_stats()[table]
-        parts = open_tables(manifest).store.parts[table]
-        mget, per_id_rate = per_id_layout(cold.store, table, parts, requests)
         ref = open_tables(manifest)
-        for i in (0, 1, 2):  # the three paths give the local store's rows
+        for i in (0, 1, 2):  # both paths give the local store's rows
             want = ref.store.lookup(table, requests[i])
             assert np.array_equal(cold.store.fetch({table: requests[i]})[table], want)
             assert np.array_equal(warm.store.fetch({table: requests[i]})[table], want)
-            assert np.array_equal(mget(i), want)
+        # cold and warm first, on a cluster that holds the store's layout only (the per-id keys
+        # written below add 1M keys to the nodes, and the nodes' work on them)
+        warm_before = warm.store.cache_stats()[table]
         load_before = load_average()
         cpu: dict[str, list[float]] = {}
         times = interleave({"cold": lambda i: cold.store.fetch({table: requests[i]}),
-                            "warm": lambda i: warm.store.fetch({table: requests[i]}),
-                            "per_id_mget": lambda i: mget(i)}, len(requests), cpu)
+                            "warm": lambda i: warm.store.fetch({table: requests[i]})}, len(requests), cpu)
         st = warm.store.cache_stats()[table]
         hit = (st["hits"] - warm_before["hits"]) / max(st["lookups"] - warm_before["lookups"], 1)
         results["fetch"] = {k: {**pct(v), "client_cpu_p50_ms": pct(cpu[k])["p50_ms"]} for k, v in times.items()}
@@ -226,11 +229,21 @@ def main() -> int:
                                                       / results["fetch"]["cold"]["p50_ms"], 3)
         results["fetch"]["load_average_before"] = load_before
         results["fetch"]["load_average_after"] = load_average()
-        results["layouts"] = {"hash_hmget_p50_ms": results["fetch"]["cold"]["p50_ms"],
-                              "per_id_mget_p50_ms": results["fetch"]["per_id_mget"]["p50_ms"],
+
+        parts = ref.store.parts[table]
+        mget, per_id_rate = per_id_layout(cold.store, table, parts, requests)
+        for i in (0, 1, 2):
+            assert np.array_equal(mget(i), ref.store.lookup(table, requests[i]))
+        load_before = load_average()
+        cpu = {}
+        times = interleave({"hash_hmget": lambda i: cold.store.fetch({table: requests[i]}),
+                            "per_id_mget": lambda i: mget(i)}, len(requests), cpu)
+        results["layouts"] = {**{k: {**pct(v), "client_cpu_p50_ms": pct(cpu[k])["p50_ms"]} for k, v in times.items()},
                               "per_id_write_rows_per_s": round(per_id_rate),
-                              "used_memory_per_node_both_layouts": used_memory(cold.store.cluster)}
+                              "used_memory_per_node_both_layouts": used_memory(cold.store.cluster),
+                              "load_average_before": load_before, "load_average_after": load_average()}
         print(f"fetch: {results['fetch']}", flush=True)
+        print(f"layouts: {results['layouts']}", flush=True)
         for lk in (cold, warm, ref):
             lk.close()
 

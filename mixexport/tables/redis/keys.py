@@ -31,7 +31,6 @@ import math
 
 import numpy as np
 
-from mixexport.tables.layout import splitmix64
 
 SLOTS = 16384
 # Few buckets: a request sends one HMGET per bucket it touches, and each costs client and server
@@ -40,6 +39,8 @@ SLOTS = 16384
 BUCKETS_PER_MASTER = 4
 BUCKET_BYTES = 16 * 1024**2
 _FIELD = b"$8\r\n"           # every field is an 8-byte id
+_C1, _C2, _C3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
 
 def key_slot(key: bytes) -> int:
@@ -90,9 +91,22 @@ def choose_slots(buckets: int, masters: list[np.ndarray]) -> list[int]:
 
 
 def bucket_of(ids: np.ndarray, partitions: int, subs: int) -> np.ndarray:
-    """The bucket (int64) of every id: partition ``h % P`` times ``S`` plus ``(h // P) % S``."""
-    h = splitmix64(ids)
-    return ((h % np.uint64(partitions)) * np.uint64(subs) + (h // np.uint64(partitions)) % np.uint64(subs)).astype(np.int64)
+    """The bucket (int64) of every id: partition ``h % P`` times ``S`` plus ``(h // P) % S``,
+    ``h = splitmix64(id)``. A request's lookup calls this once per table, so it is
+    :func:`~mixexport.tables.layout.splitmix64` computed in place on one array (the same
+    numbers: integer arrays wrap silently, no ``errstate`` needed), with ``P = 1`` (one
+    partition) skipping its divisions."""
+    h = np.add(np.asarray(ids, dtype=np.int64).view(np.uint64), _C1)
+    h ^= h >> _S30
+    h *= _C2
+    h ^= h >> _S27
+    h *= _C3
+    h ^= h >> _S31
+    if partitions == 1:
+        h %= np.uint64(subs)
+        return h.view(np.int64)
+    p = np.uint64(partitions)
+    return ((h % p) * np.uint64(subs) + (h // p) % np.uint64(subs)).view(np.int64)
 
 
 def bucket_key(model: str, version: str, table: str, tag: str) -> bytes:
@@ -109,18 +123,29 @@ def fields(ids: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(ids, dtype=">i8").view(np.uint8).reshape(-1, 8)
 
 
+_BULKS = np.tile(np.frombuffer(_FIELD + bytes(8) + b"\r\n", np.uint8), (1024, 1))  # HMGET fields' frames
+
+
 def field_bulks(ids: np.ndarray) -> np.ndarray:
     """``$8\\r\\n<id>\\r\\n`` for every id, ``[n, 14]`` uint8: the arguments of an HMGET, with no
-    Python work per id."""
-    out = np.empty((ids.size, 14), dtype=np.uint8)
-    out[:, :4] = np.frombuffer(_FIELD, np.uint8)
-    out[:, 4:12] = fields(ids)
-    out[:, 12:] = np.frombuffer(b"\r\n", np.uint8)
+    Python work per id (two numpy calls for up to 1,024 ids: copy the frames, write the ids into
+    them big-endian)."""
+    global _BULKS
+    if ids.size > len(_BULKS):
+        _BULKS = np.tile(_BULKS[0], (ids.size, 1))
+    out = _BULKS[:ids.size].copy()
+    out[:, 4:12].view(">i8")[:, 0] = ids
     return out
 
 
 def hmget_header(key: bytes, n: int) -> bytes:
     return b"*%d\r\n$5\r\nHMGET\r\n$%d\r\n%s\r\n" % (n + 2, len(key), key)
+
+
+def hmget_template(key: bytes) -> bytes:
+    """:func:`hmget_header` of ``key`` as a template for ``% (n + 2)`` (one formatting per
+    command on the lookup path)."""
+    return b"*%%d\r\n$5\r\nHMGET\r\n$%d\r\n%s\r\n" % (len(key), key.replace(b"%", b"%%"))
 
 
 def hset(key: bytes, ids: np.ndarray, values: np.ndarray) -> bytes:

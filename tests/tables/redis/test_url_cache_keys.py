@@ -55,11 +55,32 @@ def test_the_row_cache_never_returns_a_wrong_row() -> None:
     assert cache.nbytes <= 64 * 1024
     for _ in range(300):
         ids = np.unique(rng.zipf(1.3, 80) % 5000).astype(np.int64)
-        hit, rows, sets = cache.get(ids)
-        assert np.array_equal(rows, table[ids[hit]])
-        cache.put(ids[~hit], table[ids[~hit]], sets[~hit])
+        hit, slots = cache.get(ids)
+        assert np.array_equal(cache.rows[slots[hit]], table[ids[hit]])
+        cache.put(ids[~hit], table[ids[~hit]], slots[~hit])
     assert 0.3 < cache.hit_rate < 1
     off = RowCache(16, 0)
-    hit, rows, sets = off.get(np.arange(10))
-    assert not hit.any() and rows.shape == (0, 16)
-    off.put(np.arange(10), table[:10], sets)
+    hit, slots = off.get(np.arange(10))
+    assert not hit.any() and off.rows.shape == (0, 16)
+    off.put(np.arange(10), table[:10], slots)
+
+
+def test_the_lookup_paths_fast_forms_equal_the_rules() -> None:
+    """The store's lookup path computes buckets with an in-place splitmix64 and decodes float16
+    rows by table lookup: both must give exactly the layout rule's buckets and numpy's cast, on
+    every float16 bit pattern and on ids across the whole int64 range."""
+    from mixexport.tables.layout import splitmix64
+    from mixexport.tables.redis.store import _f16_to_f32
+
+    codes = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    want = codes.view(np.float16).astype(np.float32)
+    assert np.array_equal(_f16_to_f32().take(codes).view(np.uint32), want.view(np.uint32))  # NaNs too
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([rng.integers(-2**63, 2**63 - 1, 5000), [0, 1, -1, 2**63 - 1, -2**63]]).astype(np.int64)
+    for partitions, subs in ((1, 12), (16, 1), (7, 3), (1024, 5)):
+        h = splitmix64(ids)
+        rule = (h % np.uint64(partitions)) * np.uint64(subs) + (h // np.uint64(partitions)) % np.uint64(subs)
+        assert np.array_equal(K.bucket_of(ids, partitions, subs), rule.astype(np.int64))
+    some = ids[::97]
+    assert K.field_bulks(some).tobytes() == b"".join(b"$8\r\n" + int(i).to_bytes(8, "big", signed=True) + b"\r\n"
+                                                     for i in some)
