@@ -251,6 +251,10 @@ class OpenVinoBackend:
                 "seconds": round(time.perf_counter() - start, 3), "weights": weights,
                 "inference_precision": PRECISION_HINTS[self.precision], "built_on_cpu": cpu_info(),
                 **({"int8": int8} if int8 else {})}
+        if calibration is not None and all(r["int8"]["status"] == "SKIPPED" for r in self.engine_reports.values()):
+            raise BadInputError("--precision int8 on OpenVINO found no GEMM after a normalization to quantize "
+                                 "(the input projections stay float), so the bundle would be float",
+                                 "build --precision fp32 or bf16")
         return out
 
     def prepare(self, manifest: Manifest, segment: SegmentEntry, workdir: Path | None = None) -> OpenVinoSession:

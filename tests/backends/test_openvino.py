@@ -153,6 +153,31 @@ def test_int8_is_nncf_quantized_ir_recorded_and_gated(root: Path) -> None:
     assert seg["engine_build"]["int8"]["status"] == "PASS" and seg["engine_build"]["int8"]["ratio"] < 0.5
     assert seg["engine_build"]["built_on_cpu"]["flags"]  # the build CPU's features are recorded
     assert seg["session_options"]["requires_cpu"] == ["avx512_vnni|avx_vnni|amx_int8"]
+    # the input projections (before the first LayerNorm) stay float, every later GEMM has int8 weights
+    quant = seg["engine_build"]["int8"]["quantization"]
+    assert quant["float_gemms"] and quant["int8_constants"] == quant["gemms"] - len(quant["float_gemms"]) > 0
+
+
+def test_int8_float_gemms_are_those_before_the_first_normalization() -> None:
+    require_openvino()
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from mixexport.backends.openvino_int8 import float_gemms
+
+    def weight(k: int, n: int) -> ov.Node:
+        return ops.constant(np.ones((k, n), np.float32))
+
+    x = ops.parameter([-1, 4], np.float32, name="x")
+    proj = ops.matmul(x, weight(4, 8), False, False)
+    proj.set_friendly_name("projection")
+    norm = ops.mvn(proj, ops.constant(np.array([-1], np.int64)), True, 1e-5, "inside_sqrt")
+    ffn = ops.matmul(ops.relu(norm), weight(8, 8), False, False)
+    ffn.set_friendly_name("ffn")
+    skip = ops.matmul(x, weight(4, 8), False, False)  # a second input projection, added after the norm
+    skip.set_friendly_name("skip")
+    model = ov.Model([ops.add(ffn, skip)], [x])
+    assert sorted(float_gemms(model)) == ["projection", "skip"]
 
 
 def test_openvino_peers_run_the_plain_model(root: Path) -> None:
