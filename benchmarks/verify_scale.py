@@ -6,6 +6,7 @@ every 0.1 s. Start-up is the wall time of the same command on one batch of rows.
 size, the streaming AUC (2^20 bins, refined) of the bundle's scores is compared with sklearn's.
 
     python benchmarks/verify_scale.py --rows 200000 --files 4 --configs tiny,base
+    python benchmarks/verify_scale.py --memory-rows 1000000,8000000 --out benchmarks/results/verify_scale-memory.json
 
 Writes benchmarks/results/verify_scale.json (with the machine, load average, command, commit, date).
 """
@@ -124,8 +125,47 @@ def _auc_check(scores: Path) -> dict[str, Any]:
             "bound_holds": abs(coarse - exact) <= coarse_bound and abs(value - exact) <= bound}
 
 
+def memory_scaling(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Peak RSS of ``score`` on both engines at each of ``--memory-rows`` (rankmixer ``--memory-config``),
+    its growth from the smallest to the largest size, the two engines' scores compared, and the
+    streaming AUC at the largest size against sklearn's."""
+    import pyarrow.parquet as pq
+
+    from mixexport.scale.synth import write_eval_parquet
+
+    sizes = [int(x) for x in args.memory_rows.split(",")]
+    bundle = _bundle(args.memory_config, work)
+    out: dict[str, Any] = {"config": args.memory_config, "ray_workers": args.memory_workers, "sizes": {}}
+    score = [MIXEXPORT, "-q", "score", str(bundle), "--key", "user_key", "--batch-rows", str(args.batch_rows)]
+    engines = {"local": [], f"ray, {args.memory_workers} actors": ["--engine", "ray", "--workers",
+                                                                   str(args.memory_workers)]}
+    for rows in sizes:
+        data = work / f"data-{args.memory_config}-{rows}-{args.memory_files}f"
+        if not data.exists():
+            write_eval_parquet(bundle, data, rows, args.memory_files)
+        res: dict[str, Any] = {}
+        for name, extra in engines.items():
+            dest = work / f"mem-{rows}-{name.split(',')[0]}"
+            subprocess.run(["rm", "-rf", str(dest)], check=True)
+            m = _measure([*score, "--data", str(data), *extra, "--out", str(dest)])
+            res[name] = {**m, "rows_per_s_end_to_end": rows / m["wall_s"]}
+            print(f"memory {rows} {name}: {m['peak_rss_mib']:.0f} MiB, {rows / m['wall_s']:.0f} rows/s", flush=True)
+        local, ray = (work / f"mem-{rows}-{n}" for n in ("local", "ray"))
+        same = all(pq.read_table(a).column("logit").equals(pq.read_table(ray / a.name).column("logit"))
+                   for a in sorted(local.glob("*.parquet")))
+        res["ray_scores_equal_local"] = same
+        out["sizes"][str(rows)] = res
+    lo, hi = str(min(sizes)), str(max(sizes))
+    out["peak_rss_growth"] = {name: out["sizes"][hi][name]["peak_rss_mib"] / out["sizes"][lo][name]["peak_rss_mib"]
+                              for name in engines}
+    out["auc_at_largest"] = _auc_check(work / f"mem-{hi}-local")
+    return out
+
+
 SUMMARY = ("verify/score over Parquet: rows/s, peak RSS summed over all processes and start-up time of the local "
            "and Ray engines against a plain pyarrow + Runtime loop, and the streaming AUC against sklearn's.")
+MEMORY_SUMMARY = ("verify/score over Parquet at growing sizes: peak RSS summed over all processes of the local and "
+                  "Ray engines, its growth, and the streaming AUC at the largest size against sklearn's.")
 
 
 def main() -> None:
@@ -137,12 +177,26 @@ def main() -> None:
     ap.add_argument("--configs", default="tiny,base")
     ap.add_argument("--work", default=None, help="keep bundles and data here (default: a temporary directory)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/verify_scale.json"))
+    ap.add_argument("--memory-rows", default=None,
+                    help="instead of the throughput runs: peak RSS of both engines at these sizes (e.g. "
+                         "1000000,8000000), and the streaming AUC at the largest")
+    ap.add_argument("--memory-config", default="tiny")
+    ap.add_argument("--memory-files", type=int, default=16)
+    ap.add_argument("--memory-workers", type=int, default=2)
     args = ap.parse_args()
     started = provenance(["python", "benchmarks/verify_scale.py", *sys.argv[1:]])
     from mixexport.scale.synth import write_eval_parquet
 
     work = Path(args.work or tempfile.mkdtemp(prefix="verify-scale-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.memory_rows:
+        doc = {"name": Path(args.out).stem, "summary": MEMORY_SUMMARY, **started, "batch_rows": args.batch_rows,
+               "note": "mixexport score --key user_key on each engine; peak RSS summed over every process of the "
+                       "run (Ray's daemons included); 1 ORT intra-op thread per worker",
+               "results": memory_scaling(args, work)}
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.out}", flush=True)
+        return
     results: dict[str, Any] = {}
     for config in args.configs.split(","):
         bundle = _bundle(config, work)

@@ -12,17 +12,29 @@ import pyarrow.parquet as pq
 import pytest
 
 from mixexport.errors import EnvironmentUnavailableError
-from mixexport.scale.ray import sizes
+from mixexport.scale.ray import pieces, sizes
 from mixexport.scale.run import dumps, score_dataset, verify_dataset
 
 pytestmark = pytest.mark.xdist_group("ray")
 
 
-def test_actor_sizes_always_leave_a_cpu_for_the_reads() -> None:
+def test_actor_sizes_always_leave_a_cpu_for_the_driver() -> None:
     for cpus in (1.0, 2.0, 3.0, 16.0):
         for workers in (1, 2, 3, 8, 64):
-            actor, read = sizes(cpus, workers)
-            assert read == 1.0 and actor * workers <= cpus - 1.0 + 1e-9 and actor <= 1.0
+            actor = sizes(cpus, workers)
+            assert actor * workers <= cpus - 1.0 + 1e-9 and actor <= 1.0
+
+
+def test_pieces_are_runs_of_whole_row_groups_in_file_order(eval_rows: dict[str, Path]) -> None:
+    files = sorted(str(p) for p in eval_rows["three"].glob("*.parquet"))
+    for batch in (1, 64, 10**6):
+        got = pieces(files, batch)
+        assert [p["path"] for p in got] == sorted((p["path"] for p in got), key=files.index)
+        for path in files:
+            groups = [g for p in got if p["path"] == path for g in p["row_groups"]]
+            assert groups == list(range(pq.ParquetFile(path).metadata.num_row_groups))
+        if batch == 10**6:
+            assert len(got) == len(files)
 
 
 def test_ray_report_is_the_local_report(ray_local, split_bundle: Path, eval_rows: dict[str, Path],
