@@ -32,10 +32,9 @@ from mixexport.scale.sink import Sink
 from mixexport.scale.worker import Job, Worker, worker_error
 
 INSTALL_HINT = 'pip install "mixexport[ray]"'
-#: Object store of the local Ray the engine starts. Ray's default is 30 % of the machine's memory,
-#: and its shared pages stay mapped in every worker that touched them once they are used, so the
-#: run's memory would grow with the rows read until that size (measured: 3.8 GB summed RSS at 1M rows,
-#: 8.2 GB at 8M). Batches in flight are a few MB each: a bounded store is reused instead.
+#: Object store of the local Ray the engine starts (Ray's default: 30 % of the machine's memory).
+#: Only the actors' outputs pass through it (partials, or a piece's scores): a small store bounds
+#: the pages a run maps, whatever the data's size.
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 
 
