@@ -35,7 +35,10 @@ serving CPU without VNNI is refused before loading.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import logging
+import sys
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -124,10 +127,26 @@ def quantize_model(model: Any, feeds: list[dict[str, np.ndarray]]) -> tuple[Any,
     if len(kept) == len(gemms):  # e.g. a user segment of input projections only: nothing to quantize
         return model, {**report, "int8_constants": 0, "skipped": "no GEMM after a normalization"}
     scope = nncf.IgnoredScope(names=kept, types=others, validate=False)
-    quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds), ignored_scope=scope)
+    with quiet_nncf(nncf):
+        quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds), ignored_scope=scope)
     int8 = sum(1 for op in quantized.get_ops()
                if op.get_type_name() == "Constant" and op.get_element_type().get_type_name() in ("i8", "u8"))
     return quantized, {**report, "int8_constants": int8}
+
+
+@contextlib.contextmanager
+def quiet_nncf(nncf: Any) -> Iterator[None]:
+    """NNCF logs INFO lines and draws progress bars on *stdout*, which is where ``--json`` output
+    goes: during a quantization its log says warnings only (everything with ``-v``), and anything it
+    prints goes to stderr."""
+    verbose = logging.getLogger("mixexport").isEnabledFor(logging.INFO)
+    level = nncf.nncf_logger.level
+    nncf.set_log_level(logging.INFO if verbose else logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        nncf.set_log_level(level)
 
 
 def int8_check(report: dict[str, Any], engine_bytes: int, float_bytes: int) -> dict[str, Any]:

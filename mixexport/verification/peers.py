@@ -130,9 +130,12 @@ def openvino_peers(names: list[str], onnx_path: Path, calibration: dict[str, np.
     if "nncf-int8" in names:
         import nncf
 
+        from mixexport.backends.openvino_int8 import quiet_nncf
+
         say("peer: NNCF post-training int8 quantization (calibrated on the bundle's sample request)")
-        quantized = nncf.quantize(core.read_model(str(onnx_path)), nncf.Dataset([calibration]),
-                                  subset_size=1)
+        with quiet_nncf(nncf):  # its log and progress bars would land in bench --json's stdout
+            quantized = nncf.quantize(core.read_model(str(onnx_path)), nncf.Dataset([calibration]),
+                                      subset_size=1)
         compiled = core.compile_model(quantized, "CPU", latency)
         picked = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         out[f"nncf-int8 (int8 + {picked})"] = _ov_runner(compiled)

@@ -158,6 +158,20 @@ def test_int8_is_nncf_quantized_ir_recorded_and_gated(root: Path) -> None:
     assert quant["float_gemms"] and quant["int8_constants"] == quant["gemms"] - len(quant["float_gemms"]) > 0
 
 
+def test_nncf_writes_nothing_on_stdout_during_a_quantization(capfd: pytest.CaptureFixture[str]) -> None:
+    """NNCF logs INFO on stdout, where ``build --json`` / ``bench --json`` write their JSON."""
+    nncf = pytest.importorskip("nncf")
+    from mixexport.backends.openvino_int8 import quiet_nncf
+
+    before = nncf.nncf_logger.level
+    with quiet_nncf(nncf):
+        nncf.nncf_logger.info("nncf-info-line")
+        print("a-print")
+    out, err = capfd.readouterr()
+    assert "nncf-info-line" not in out + err and "a-print" not in out and "a-print" in err
+    assert nncf.nncf_logger.level == before
+
+
 def test_int8_float_gemms_are_those_before_the_first_normalization() -> None:
     require_openvino()
     import openvino as ov
