@@ -78,6 +78,11 @@ class Worker:
         self.first = manifest.outputs[0].name
         self.outputs = [s.name for s in manifest.outputs]
         self.runtime = open_runtime(manifest, job.threads, job.tables)
+        # users per call matter only where a user (or cache) segment runs once per user: a bundle of
+        # one full segment gathers user rows per candidate, so its calls are bounded by rows alone
+        # (at ~16 candidates per user, a 128-user bound cut calls short and padding wasted ~20 %)
+        self.users_per_call = USERS_PER_CALL if any(s.role in ("user", "cache") for s in manifest.segments) \
+            else ROWS_PER_CALL
         self.reference = None
         if job.mode == "verify" and job.columns.reference is None:
             from mixexport.verification.run import load_reference
@@ -97,19 +102,19 @@ class Worker:
 
     def bundle(self, path: str, feeds: dict[str, np.ndarray], starts: np.ndarray, rows: int) -> dict[str, np.ndarray]:
         """The bundle on the batch, in requests of exactly :data:`ROWS_PER_CALL` candidates and
-        :data:`USERS_PER_CALL` users (a user's consecutive rows share one request where they fit: a
+        ``users_per_call`` users (a user's consecutive rows share one request where they fit: a
         split bundle runs its user segment once per user per request)."""
         parts: list[dict[str, np.ndarray]] = []
         lo = 0
         while lo < rows:
             first = int(np.searchsorted(starts, lo, side="right")) - 1
             hi = min(lo + ROWS_PER_CALL, rows,
-                     int(starts[first + USERS_PER_CALL]) if first + USERS_PER_CALL < len(starts) else rows)
+                     int(starts[first + self.users_per_call]) if first + self.users_per_call < len(starts) else rows)
             inner = starts[(starts > lo) & (starts < hi)] - lo
             local = np.concatenate([[0], inner]).astype(np.int64)
             request = _request({k: v[lo:hi] for k, v in feeds.items()}, self.specs, local, hi - lo)
             try:
-                got = self.runtime.score(_padded(request))
+                got = self.runtime.score(_padded(request, self.users_per_call))
             except BadInputError as e:  # the runtime names the input (= the column); say which file
                 raise BadInputError(f"{path}: {e.message}", e.hint) from None
             parts.append({k: v[:hi - lo] for k, v in got.items()})
@@ -203,11 +208,11 @@ def _request(feeds: dict[str, np.ndarray], specs: tuple[TensorSpec, ...], starts
                    item={s.name: feeds[s.name] for s in specs if not s.user_side}, user_index=user_index)
 
 
-def _padded(request: Request) -> Request:
-    """``request`` grown to exactly USERS_PER_CALL users and ROWS_PER_CALL candidates with copies of
-    its last user and last candidate (scored, then dropped)."""
+def _padded(request: Request, users_per_call: int) -> Request:
+    """``request`` grown to exactly ``users_per_call`` users and ROWS_PER_CALL candidates with copies
+    of its last user and last candidate (scored, then dropped)."""
     users, n = request.num_users, request.num_candidates
-    add_u, add_n = USERS_PER_CALL - users, ROWS_PER_CALL - n
+    add_u, add_n = users_per_call - users, ROWS_PER_CALL - n
     user = {k: np.concatenate([v, np.repeat(v[-1:], add_u, axis=0)]) for k, v in request.user.items()}
     item = {k: np.concatenate([v, np.repeat(v[-1:], add_n, axis=0)]) for k, v in request.item.items()}
     index = np.concatenate([request.user_index, np.full(add_n, users - 1, np.int64)])
