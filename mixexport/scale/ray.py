@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -134,10 +135,13 @@ def run_ray(files: list[str], job: Job, batch_rows: int, columns: list[str], sin
         if not logging.getLogger("mixexport").isEnabledFor(logging.INFO):  # -v shows Ray's own log lines
             logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its errors come back as ours, one line
         ds = ray.data.from_items(work, override_num_blocks=len(work))
-        ds = ds.map_batches(_ScaleActor, fn_constructor_kwargs={"job": job, "batch_rows": batch_rows,
-                                                                "columns": columns},
-                            batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
-                            num_cpus=actor_cpus, max_restarts=0, max_task_retries=0)
+        with warnings.catch_warnings():  # max_restarts has no named form yet (pyproject pins ray < 2.64)
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ds.map_batches(_ScaleActor, fn_constructor_kwargs={"job": job, "batch_rows": batch_rows,
+                                                                    "columns": columns},
+                                batch_size=1, batch_format="pyarrow",
+                                compute=ray.data.ActorPoolStrategy(size=workers),
+                                num_cpus=actor_cpus, max_restarts=0, max_task_retries=0)
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 _deliver(batch, sink)
