@@ -183,15 +183,41 @@ def test_int8_float_gemms_are_those_before_the_first_normalization() -> None:
         return ops.constant(np.ones((k, n), np.float32))
 
     x = ops.parameter([-1, 4], np.float32, name="x")
-    proj = ops.matmul(x, weight(4, 8), False, False)
+    proj = ops.matmul(x, weight(4, 32), False, False)
     proj.set_friendly_name("projection")
     norm = ops.mvn(proj, ops.constant(np.array([-1], np.int64)), True, 1e-5, "inside_sqrt")
-    ffn = ops.matmul(ops.relu(norm), weight(8, 8), False, False)
+    ffn = ops.matmul(ops.relu(norm), weight(32, 32), False, False)
     ffn.set_friendly_name("ffn")
-    skip = ops.matmul(x, weight(4, 8), False, False)  # a second input projection, added after the norm
+    skip = ops.matmul(x, weight(4, 32), False, False)  # a second input projection, added after the norm
     skip.set_friendly_name("skip")
     model = ov.Model([ops.add(ffn, skip)], [x])
     assert sorted(float_gemms(model)) == ["projection", "skip"]
+
+
+def test_int8_keeps_routers_and_tiny_gemms_float() -> None:
+    """A router (by its weight's name, as quantize-int8's skip patterns) and a GEMM with a dimension
+    of at most 16 (a few experts, one logit) stay float; a 32 x 32 one after them does not."""
+    require_openvino()
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from mixexport.backends.openvino_int8 import small_gemms
+
+    def gemm(x: ov.Output, k: int, n: int, weight_name: str, name: str) -> ov.Node:
+        w = ops.constant(np.ones((k, n), np.float32))
+        w.set_friendly_name(weight_name)
+        out = ops.matmul(x, w, False, False)
+        out.set_friendly_name(name)
+        return out
+
+    x = ops.parameter([-1, 32], np.float32, name="x")
+    router = gemm(x, 32, 32, "blocks.0.ffn.router.weight", "router")
+    gates = gemm(router, 32, 4, "blocks.0.ffn.gates", "gates")
+    ffn = gemm(x, 32, 32, "blocks.0.ffn.w_in", "ffn")
+    logit = gemm(ffn, 32, 1, "head.out.weight", "logit")
+    model = ov.Model([gates, logit], [x])
+    assert sorted(small_gemms(model, ("*router*",))) == ["gates", "logit", "router"]
+    assert sorted(small_gemms(model, ())) == ["gates", "logit"]
 
 
 def test_openvino_peers_run_the_plain_model(root: Path) -> None:
