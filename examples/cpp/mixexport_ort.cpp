@@ -305,7 +305,11 @@ struct Scorer::Impl {
   struct InputSpec {
     mixbundle::Spec spec;
     std::vector<mixids::Range> ids;  // one range, or one per last-axis column; empty = not an id input
+    // spec.shape parsed once at open, so a request check compares integers: the static size of each
+    // axis (-1 for one too large to fit: it matches no tensor), or kSymbolic for a named axis
+    std::vector<int64_t> sizes;
   };
+  static constexpr int64_t kSymbolic = INT64_MIN;
 
   mixbundle::Bundle bundle;
   std::vector<InputSpec> user_specs, item_specs;
@@ -342,7 +346,8 @@ struct Scorer::Impl {
     const json& model = m["model"];
     size_t k = 0;
     for (const auto& spec : bundle.inputs) {
-      InputSpec s{spec, {}};
+      InputSpec s{spec, {}, {}};
+      for (const auto& dim : spec.shape) s.sizes.push_back(is_static(dim) ? size_of(dim) : kSymbolic);
       const json& entry = model["inputs"][k++];
       try {  // "ids" (ranges found in the graph), else the older "vocab"
         s.ids = mixids::read(entry, "model.inputs[" + std::to_string(k - 1) + "]");
@@ -505,12 +510,26 @@ struct Scorer::Impl {
 
   // ---- running a segment
   Tensors run(const Seg& seg, const std::map<std::string, const Tensor*>& feeds) const {
-    std::vector<Ort::Value> values;
+    std::vector<const Tensor*> ordered;
+    ordered.reserve(seg.inputs.size());
     for (const auto& s : seg.inputs) {
       auto it = feeds.find(s.name);
-      if (it == feeds.end()) throw Error("no value for input " + shown(s.name) + " of segment " + shown(seg.name), 2);
-      const Tensor& t = *it->second;
+      ordered.push_back(it == feeds.end() ? nullptr : it->second);
+    }
+    return run(seg, ordered);
+  }
+
+  // `feeds`: one tensor per input of the segment, in seg.inputs' order (null: not given). The
+  // tensors are handed to ONNX Runtime in place, without a copy.
+  Tensors run(const Seg& seg, const std::vector<const Tensor*>& feeds) const {
+    std::vector<Ort::Value> values;
+    values.reserve(seg.inputs.size());
+    for (size_t k = 0; k < seg.inputs.size(); ++k) {
+      if (!feeds[k])
+        throw Error("no value for input " + shown(seg.inputs[k].name) + " of segment " + shown(seg.name), 2);
+      const Tensor& t = *feeds[k];
       const DType* d = dtype_of(t.dtype);
+      if (!d) throw Error("input " + shown(seg.inputs[k].name) + " has dtype " + t.dtype + ", which ONNX Runtime is not given", 2);
       static char empty;  // ORT wants a non-null pointer even for a tensor without elements
       void* data = t.data.empty() ? &empty : const_cast<char*>(t.data.data());  // ORT only reads inputs
       values.push_back(Ort::Value::CreateTensor(mem, data, t.data.size(), t.shape.data(), t.shape.size(), d->onnx));
@@ -538,24 +557,34 @@ struct Scorer::Impl {
 
   // ---- the request path (mixexport.runtime.Runtime.score)
   Tensors score(const Request& r) {
-    if (full) {
-      std::map<std::string, const Tensor*> feeds;
-      Tensors rows;
+    if (full) {  // user rows gathered to one per candidate; item inputs as they are
       std::vector<int64_t> idx = indices(r.user_index);
-      for (const auto& kv : r.user) rows.emplace(kv.first, take(kv.second, 0, idx));
-      for (const auto& kv : rows) feeds[kv.first] = &kv.second;
-      for (const auto& kv : r.item) feeds[kv.first] = &kv.second;
+      std::vector<Tensor> rows;
+      rows.reserve(full->inputs.size());  // no reallocation: feeds point into it
+      std::vector<const Tensor*> feeds;
+      for (const auto& s : full->inputs) {
+        auto item = r.item.find(s.name), user = r.user.find(s.name);
+        if (item != r.item.end()) {
+          feeds.push_back(&item->second);
+        } else if (user != r.user.end()) {
+          rows.push_back(take(user->second, 0, idx));
+          feeds.push_back(&rows.back());
+        } else {
+          feeds.push_back(nullptr);
+        }
+      }
       return run(*full, feeds);
     }
-    Tensors values;
-    if (cache_seg) values = sequence_cache(r);
-    if (user_seg) {
-      Tensors state = user_state(r, values);
-      for (auto& kv : state) values[kv.first] = std::move(kv.second);
-    }
+    // the K/V and the user state are fed to the item segment in place: for one user they are that
+    // user's cache entries themselves (immutable, and held here: an eviction meanwhile frees nothing)
+    Entry kv_values, state;
+    if (cache_seg) kv_values = sequence_cache(r);
+    if (user_seg) state = user_state(r, kv_values.get());
     std::map<std::string, const Tensor*> feeds;
     for (const auto& kv : r.item) feeds[kv.first] = &kv.second;
-    for (const auto& kv : values) feeds[kv.first] = &kv.second;
+    for (const Entry& e : {kv_values, state})
+      if (e)
+        for (const auto& kv : *e) feeds[kv.first] = &kv.second;  // "rows/..." keys name no input
     feeds["user_index"] = &r.user_index;
     return run(*item_seg, feeds);
   }
@@ -577,25 +606,45 @@ struct Scorer::Impl {
     return std::string(reinterpret_cast<const char*>(&r.user_ids[u]), 8) + h.raw();
   }
 
-  static Tensors concat_users(const std::vector<Entry>& per_user, const std::map<std::string, size_t>& axes) {
-    Tensors out;
+  // The users' entries joined along each tensor's users axis; one user's entry is already that
+  // (no copy: a user-state hit for one user costs a lookup, not a copy of the state).
+  static Entry concat_users(const std::vector<Entry>& per_user, const std::map<std::string, size_t>& axes) {
+    if (per_user.size() == 1) return per_user[0];
+    auto out = std::make_shared<Tensors>();
     for (const auto& kv : *per_user[0]) {
       if (kv.first.rfind("rows/", 0) == 0) continue;
       std::vector<const Tensor*> parts;
       for (const auto& e : per_user) parts.push_back(&e->at(kv.first));
-      out.emplace(kv.first, concat(parts, axes.at(kv.first)));
+      out->emplace(kv.first, concat(parts, axes.at(kv.first)));
+    }
+    return out;
+  }
+
+  // One entry per user row j of `fresh` (a segment's outputs for those users, in that order).
+  static std::vector<std::shared_ptr<Tensors>> split_users(Tensors&& fresh, size_t users,
+                                                           const std::map<std::string, size_t>& axes) {
+    std::vector<std::shared_ptr<Tensors>> out;
+    if (users == 1) {  // the outputs are that user's rows already
+      out.push_back(std::make_shared<Tensors>(std::move(fresh)));
+      return out;
+    }
+    for (size_t j = 0; j < users; ++j) {
+      auto entry = std::make_shared<Tensors>();
+      for (const auto& kv : fresh) entry->emplace(kv.first, take(kv.second, axes.at(kv.first), {static_cast<int64_t>(j)}));
+      out.push_back(entry);
     }
     return out;
   }
 
   // mixexport.runtime.Runtime.user_state
-  Tensors user_state(const Request& r, const Tensors& extra) {
+  Entry user_state(const Request& r, const Tensors* extra) {
     const Seg& seg = *user_seg;
     std::map<std::string, const Tensor*> per_user;
     for (const auto& kv : r.user) per_user[kv.first] = &kv.second;
-    for (const auto& kv : extra)
-      if (seg.axis_in.count(kv.first)) per_user[kv.first] = &kv.second;
-    if (!r.has_user_ids) return run(seg, per_user);
+    if (extra)
+      for (const auto& kv : *extra)
+        if (seg.axis_in.count(kv.first)) per_user[kv.first] = &kv.second;
+    if (!r.has_user_ids) return std::make_shared<Tensors>(run(seg, per_user));
     size_t users = r.user_ids.size();
     std::vector<std::string> keys;
     std::vector<Entry> cached;
@@ -610,23 +659,21 @@ struct Scorer::Impl {
       std::map<std::string, const Tensor*> feeds;
       for (const auto& s : seg.inputs) rows.emplace(s.name, take(*per_user.at(s.name), seg.axis_in.at(s.name), missing));
       for (const auto& kv : rows) feeds[kv.first] = &kv.second;
-      Tensors fresh = run(seg, feeds);
+      auto entries = split_users(run(seg, feeds), missing.size(), seg.axis_out);
       for (size_t j = 0; j < missing.size(); ++j) {
-        auto entry = std::make_shared<Tensors>();
-        for (const auto& kv : fresh) entry->emplace(kv.first, take(kv.second, seg.axis_out.at(kv.first), {static_cast<int64_t>(j)}));
-        cache.put(keys[static_cast<size_t>(missing[j])], entry);
-        cached[static_cast<size_t>(missing[j])] = entry;
+        cache.put(keys[static_cast<size_t>(missing[j])], entries[j]);
+        cached[static_cast<size_t>(missing[j])] = entries[j];
       }
     }
     return concat_users(cached, seg.axis_out);
   }
 
   // mixexport.runtime.Runtime.sequence_cache: hit, append or rebuild per user id.
-  Tensors sequence_cache(const Request& r) {
+  Entry sequence_cache(const Request& r) {
     const Seg& seg = *cache_seg;
     std::map<std::string, const Tensor*> all;
     for (const auto& s : seg.inputs) all[s.name] = &r.user.at(s.name);
-    if (!r.has_user_ids) return run(seg, all);
+    if (!r.has_user_ids) return std::make_shared<Tensors>(run(seg, all));
     std::vector<Entry> per_user(r.user_ids.size());
     std::vector<int64_t> misses;
     for (size_t u = 0; u < r.user_ids.size(); ++u) {
@@ -665,11 +712,10 @@ struct Scorer::Impl {
       std::map<std::string, const Tensor*> feeds;
       for (const auto& s : seg.inputs) rows.emplace(s.name, take(r.user.at(s.name), 0, misses));
       for (const auto& kvr : rows) feeds[kvr.first] = &kvr.second;
-      Tensors fresh = run(seg, feeds);
+      auto entries = split_users(run(seg, feeds), misses.size(), seg.axis_out);
       for (size_t j = 0; j < misses.size(); ++j) {
         auto u = static_cast<size_t>(misses[j]);
-        auto got = std::make_shared<Tensors>();
-        for (const auto& t : fresh) got->emplace(t.first, take(t.second, seg.axis_out.at(t.first), {static_cast<int64_t>(j)}));
+        auto& got = entries[j];
         for (const auto& s : seg.inputs) (*got)["rows/" + s.name] = take(r.user.at(s.name), 0, {misses[j]});
         kv.put(std::string(reinterpret_cast<const char*>(&r.user_ids[u]), 8), got);
         per_user[u] = got;
@@ -740,70 +786,88 @@ struct Scorer::Impl {
   }
 
   // ---- request checks (mixexport.runtime.Runtime.check, mixexport.specs.check_feeds)
+  // A request that passes costs one pass over its values and no string building: the messages
+  // (and the sorted name lists) are made only on the way to a refusal.
   std::map<std::string, int64_t> check_feeds(const std::vector<InputSpec>& specs, const Tensors& feeds,
                                              const std::string& what) const {
-    std::vector<std::string> missing, extra;
-    std::set<std::string> names;
-    for (const auto& s : specs) {
-      names.insert(s.spec.name);
-      if (!feeds.count(s.spec.name)) missing.push_back(s.spec.name);
-    }
-    for (const auto& kv : feeds)
-      if (!names.count(kv.first)) extra.push_back(kv.first);
-    std::sort(missing.begin(), missing.end());
-    if (!missing.empty() || !extra.empty())
+    bool names_match = feeds.size() == specs.size();  // spec names are unique: all found = no extra
+    for (size_t k = 0; names_match && k < specs.size(); ++k) names_match = feeds.count(specs[k].spec.name) > 0;
+    if (!names_match) {
+      std::vector<std::string> missing, extra;
+      std::set<std::string> names;
+      for (const auto& s : specs) {
+        names.insert(s.spec.name);
+        if (!feeds.count(s.spec.name)) missing.push_back(s.spec.name);
+      }
+      for (const auto& kv : feeds)
+        if (!names.count(kv.first)) extra.push_back(kv.first);
+      std::sort(missing.begin(), missing.end());
       throw Error(what + "s do not match: missing " + pylist(missing) + ", unexpected " + pylist(extra), 2);
+    }
     std::map<std::string, int64_t> bound;
     for (const auto& is : specs) {
       const auto& s = is.spec;
-      const Tensor& a = feeds.at(s.name);
-      std::string head = what + " " + shown(s.name);
-      if (a.dtype != s.dtype) throw Error(head + ": expected dtype " + s.dtype + ", found " + a.dtype, 2);
+      const Tensor& a = feeds.find(s.name)->second;
+      auto head = [&] { return what + " " + shown(s.name); };
+      if (a.dtype != s.dtype) throw Error(head() + ": expected dtype " + s.dtype + ", found " + a.dtype, 2);
       if (a.shape.size() != s.shape.size())
-        throw Error(head + ": expected rank " + std::to_string(s.shape.size()) + " " + pylist(s.shape, false) +
+        throw Error(head() + ": expected rank " + std::to_string(s.shape.size()) + " " + pylist(s.shape, false) +
                     ", found shape " + pyints(a.shape), 2);
       for (size_t ax = 0; ax < s.shape.size(); ++ax) {
         const std::string& want = s.shape[ax];
-        if (!is_static(want)) {
+        if (is.sizes[ax] == kSymbolic) {
           auto it = bound.emplace(want, a.shape[ax]).first;
           if (it->second != a.shape[ax])
-            throw Error(head + ": axis " + std::to_string(ax) + " (" + want + ") is " + std::to_string(a.shape[ax]) +
+            throw Error(head() + ": axis " + std::to_string(ax) + " (" + want + ") is " + std::to_string(a.shape[ax]) +
                         ", but other inputs have " + want + " = " + std::to_string(it->second), 2);
-        } else if (size_of(want) != a.shape[ax]) {
-          throw Error(head + ": axis " + std::to_string(ax) + " must be " + want + ", found " + std::to_string(a.shape[ax]), 2);
+        } else if (is.sizes[ax] != a.shape[ax]) {
+          throw Error(head() + ": axis " + std::to_string(ax) + " must be " + want + ", found " + std::to_string(a.shape[ax]), 2);
         }
       }
       int64_t bad = first_nonfinite(a);
-      if (bad >= 0) throw Error(head + " holds NaN/Inf (first at index " + pyints(unravel(bad, a.shape)) + ")", 2);
-      try {  // negative, past the table, past the column's slice: refused, never wrapped
-        mixids::check(head, a.shape, a.numel(), is.ids, [&](int64_t i) { return int_at(a, i); });
-      } catch (const mixids::BadRequest& e) {
-        throw Error(e.what(), 2);
-      }
+      if (bad >= 0) throw Error(head() + " holds NaN/Inf (first at index " + pyints(unravel(bad, a.shape)) + ")", 2);
+      if (!is.ids.empty()) check_ids(a, is.ids, head);
     }
     return bound;
   }
 
-  static int64_t int_at(const Tensor& a, int64_t i) {
-    const char* p = a.data.data() + static_cast<size_t>(i) * a.itemsize;
-    if (a.dtype == "int64") return *reinterpret_cast<const int64_t*>(p);
-    if (a.dtype == "int32") return *reinterpret_cast<const int32_t*>(p);
-    if (a.dtype == "int8") return *reinterpret_cast<const int8_t*>(p);
-    if (a.dtype == "uint8" || a.dtype == "bool") return *reinterpret_cast<const uint8_t*>(p);
-    return 0;
+  // negative, past the table, past the column's slice: refused, never wrapped (one typed scan; the
+  // refusal's message is mixids::check's)
+  template <class Head>
+  static void check_ids(const Tensor& a, const std::vector<mixids::Range>& ids, const Head& head) {
+    auto scan = [&](auto at) {
+      if (mixids::in_range(a.shape, a.numel(), ids, at)) return;
+      try {
+        mixids::check(head(), a.shape, a.numel(), ids, at);
+      } catch (const mixids::BadRequest& e) {
+        throw Error(e.what(), 2);
+      }
+    };
+    auto of = [](const auto* v) { return [v](int64_t i) { return static_cast<int64_t>(v[i]); }; };
+    const char* p = a.data.data();
+    if (a.dtype == "int64") scan(of(reinterpret_cast<const int64_t*>(p)));
+    else if (a.dtype == "int32") scan(of(reinterpret_cast<const int32_t*>(p)));
+    else if (a.dtype == "int16") scan(of(reinterpret_cast<const int16_t*>(p)));
+    else if (a.dtype == "int8") scan(of(reinterpret_cast<const int8_t*>(p)));
+    else if (a.dtype == "uint8" || a.dtype == "bool") scan(of(reinterpret_cast<const uint8_t*>(p)));
+    else scan([](int64_t) { return int64_t{0}; });  // no ids in other dtypes (the manifest gives them none)
   }
 
+  // Index (C order) of the first NaN/Inf, or -1 (always -1 for integer dtypes).
   static int64_t first_nonfinite(const Tensor& a) {
-    for (int64_t i = 0; i < a.numel(); ++i) {
-      const char* p = a.data.data() + static_cast<size_t>(i) * a.itemsize;
-      bool finite = true;
-      if (a.dtype == "float32") finite = std::isfinite(*reinterpret_cast<const float*>(p));
-      else if (a.dtype == "float64") finite = std::isfinite(*reinterpret_cast<const double*>(p));
-      else if (a.dtype == "float16") finite = (*reinterpret_cast<const uint16_t*>(p) & 0x7c00) != 0x7c00;
-      else if (a.dtype == "bfloat16") finite = (*reinterpret_cast<const uint16_t*>(p) & 0x7f80) != 0x7f80;
-      else return -1;
-      if (!finite) return i;
-    }
+    const int64_t n = a.numel();
+    const char* p = a.data.data();
+    auto first = [n](auto* v, auto finite) {
+      for (int64_t i = 0; i < n; ++i)
+        if (!finite(v[i])) return i;
+      return int64_t{-1};
+    };
+    if (a.dtype == "float32") return first(reinterpret_cast<const float*>(p), [](float x) { return std::isfinite(x); });
+    if (a.dtype == "float64") return first(reinterpret_cast<const double*>(p), [](double x) { return std::isfinite(x); });
+    if (a.dtype == "float16")
+      return first(reinterpret_cast<const uint16_t*>(p), [](uint16_t x) { return (x & 0x7c00) != 0x7c00; });
+    if (a.dtype == "bfloat16")
+      return first(reinterpret_cast<const uint16_t*>(p), [](uint16_t x) { return (x & 0x7f80) != 0x7f80; });
     return -1;
   }
 
@@ -836,8 +900,8 @@ struct Scorer::Impl {
       throw Error("user_index has " + std::to_string(idx.shape[0]) + " entries, the item inputs have " +
                   std::to_string(items["batch"]) + " rows", 2);
     if (bound.count("batch") && idx.numel()) {
-      auto v = indices(idx);
-      auto [lo, hi] = std::minmax_element(v.begin(), v.end());
+      const auto* v = reinterpret_cast<const int64_t*>(idx.data.data());
+      auto [lo, hi] = std::minmax_element(v, v + idx.numel());
       if (*lo < 0 || *hi >= bound["batch"])
         throw Error("user_index values must be in [0, " + std::to_string(bound["batch"]) + "), found " +
                     std::to_string(*lo) + ".." + std::to_string(*hi), 2);
