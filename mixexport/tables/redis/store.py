@@ -130,7 +130,7 @@ class RedisTableStore:
                 self.tables[e.name] = _Table(e, int(lay["partitions"]), int(lay["subs"]),
                                              [K.bucket_key(model, version, e.name, t) for t in lay["tags"]],
                                              np.asarray(lay["slots"], dtype=np.int64), vb,
-                                             RowCache(vb, min(url.cache_bytes, 2 * e.rows * (vb + 16))))
+                                             RowCache(vb, min(url.cache_bytes, RowCache.bytes_for(e.rows, vb))))
         except BaseException:
             self.cluster.close()
             raise
@@ -181,17 +181,17 @@ class RedisTableStore:
         plans = []
         for name, ids in wanted.items():
             t = self.tables[name]
-            if t.cache.sets:
-                hit, slot = t.cache.get(ids)
+            if t.cache.slots:
+                hit, cached, slot = t.cache.lookup(ids)
                 miss = (~hit).nonzero()[0]
-                mids = ids[miss]
+                mids = ids.take(miss)
             else:
-                slot = miss = None
+                cached = slot = miss = None
                 mids = ids
             buckets = K.bucket_of(mids, t.partitions, t.subs)
             order = buckets.astype(t.bucket_dtype).argsort(kind="stable")  # a radix sort
             counts = np.bincount(buckets, minlength=len(t.keys)).tolist()
-            sids = mids[order]
+            sids = mids.take(order)
             bulks = memoryview(K.field_bulks(sids).reshape(-1))
             if t.generation != cluster.generation:
                 t.owners, t.generation = cluster.owner[t.slots].tolist(), cluster.generation
@@ -209,7 +209,7 @@ class RedisTableStore:
                 payloads[node] = (parts, k + 1)
                 where.append((node, k))
                 at += n
-            plans.append((name, t, sids, order, where, slot, miss))
+            plans.append((name, t, sids, order, where, cached, slot, miss))
         pnode = int(cluster.owner[self.pointer_slot])
         if pnode < 0:
             raise _Redirect(f"slot {self.pointer_slot} has no master in the slot map")
@@ -220,15 +220,15 @@ class RedisTableStore:
         current = replies[pnode][k]
         self._raise_errors(current)
         self._check_current(current)
-        return {name: self._rows(t, sids, order, [replies[node][k] for node, k in where], slot, miss)
-                for name, t, sids, order, where, slot, miss in plans}
+        return {name: self._rows(t, sids, order, [replies[node][k] for node, k in where], cached, slot, miss)
+                for name, t, sids, order, where, cached, slot, miss in plans}
 
-    def _rows(self, t: _Table, sids: np.ndarray, order: np.ndarray, lists: list[Any], slot: np.ndarray | None,
-              miss: np.ndarray | None) -> np.ndarray:
+    def _rows(self, t: _Table, sids: np.ndarray, order: np.ndarray, lists: list[Any], cached: np.ndarray | None,
+              slot: np.ndarray | None, miss: np.ndarray | None) -> np.ndarray:
         """One table's stored row bytes in the order of its ids. ``lists``: the HMGET replies, the
-        rows of ``sids`` (the ids not in the cache, sorted by bucket: ``mids[order]``); ``slot``
-        and ``miss``: every id's cache slot and the misses' positions (None with the cache
-        off). The fetched rows go into the cache."""
+        rows of ``sids`` (the ids not in the cache, sorted by bucket: ``mids[order]``); ``cached``,
+        ``slot`` and ``miss``: every id's row as the cache holds it (junk for a miss), its cache slot
+        and the misses' positions (None with the cache off). The fetched rows go into the cache."""
         n = sids.size
         for r in lists:
             self._raise_errors(r)
@@ -241,16 +241,15 @@ class RedisTableStore:
                                      "missing from the cluster (the version was dropped or is incomplete); "
                                      "nothing was scored", "publish the bundle again")
         got = np.frombuffer(joined, dtype=np.uint8).reshape(n, t.value_bytes)
-        if slot is None:
+        if cached is None:
             rows = np.empty_like(got)
             rows[order] = got
-        else:  # every row from the cache in one gather (the misses' are junk), then the fetched ones
-            rows = t.cache.rows.take(slot, axis=0)
-            if n:
-                at = miss[order]
-                rows[at] = got
-                t.cache.put(sids, got, slot[at])
-        return rows
+            return rows
+        if n:  # the fetched rows over the misses' junk
+            at = miss.take(order)
+            cached[at] = got
+            t.cache.insert(sids, got, slot.take(at))
+        return cached
 
     @staticmethod
     def _decode(t: _Table, rows: np.ndarray) -> np.ndarray:

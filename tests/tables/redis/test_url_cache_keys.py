@@ -55,14 +55,18 @@ def test_the_row_cache_never_returns_a_wrong_row() -> None:
     assert cache.nbytes <= 64 * 1024
     for _ in range(300):
         ids = np.unique(rng.zipf(1.3, 80) % 5000).astype(np.int64)
-        hit, slots = cache.get(ids)
-        assert np.array_equal(cache.rows[slots[hit]], table[ids[hit]])
-        cache.put(ids[~hit], table[ids[~hit]], slots[~hit])
+        hit, rows, slots = cache.lookup(ids)
+        assert np.array_equal(rows[hit], table[ids[hit]])
+        # ids that share a slot within one insert: one of them is kept, key and row together
+        cache.insert(ids[~hit], table[ids[~hit]], slots[~hit])
+        keys = cache.records[:, :8].view(np.int64)[:, 0]
+        held = keys >= 0
+        assert np.array_equal(cache.records[held, 8:], table[keys[held]])
     assert 0.3 < cache.hit_rate < 1
     off = RowCache(16, 0)
-    hit, slots = off.get(np.arange(10))
-    assert not hit.any() and off.rows.shape == (0, 16)
-    off.put(np.arange(10), table[:10], slots)
+    hit, rows, slots = off.lookup(np.arange(10))
+    assert not hit.any() and rows.shape == (10, 16) and off.records.shape == (0, 24)
+    off.insert(np.arange(10), table[:10], slots)
 
 
 def test_the_lookup_paths_fast_forms_equal_the_rules() -> None:
