@@ -318,6 +318,7 @@ struct Scorer::Impl {
   Seg *full = nullptr, *cache_seg = nullptr, *user_seg = nullptr, *item_seg = nullptr;
   std::map<std::string, std::pair<std::string, int64_t>> multiples;  // axis -> (base, k)
   std::map<std::string, int64_t> minimums;
+  std::map<std::string, int64_t> maximums;  // a .pt2's Dim(max=): the program runs up to there
   json kv_spec;  // caches[0], or null
   LruCache cache, kv;
   KvStats kv_counts;
@@ -367,6 +368,11 @@ struct Scorer::Impl {
       for (const auto& kv : model["minimums"].items()) {
         if (!kv.value().is_number_integer()) throw Error("manifest: model.minimums[" + shown(kv.key()) + "] must be an integer", 2);
         minimums[kv.key()] = kv.value().get<int64_t>();
+      }
+    if (model.contains("maximums") && model["maximums"].is_object())
+      for (const auto& kv : model["maximums"].items()) {
+        if (!kv.value().is_number_integer()) throw Error("manifest: model.maximums[" + shown(kv.key()) + "] must be an integer", 2);
+        maximums[kv.key()] = kv.value().get<int64_t>();
       }
     if (m.contains("caches") && m["caches"].is_array() && !m["caches"].empty()) kv_spec = m["caches"][0];
   }
@@ -894,6 +900,13 @@ struct Scorer::Impl {
                     (k > 1 ? " (" + std::to_string(lo.second) + " " + lo.first + " of " + std::to_string(k) + " items)" : ""), 2);
     }
     auto items = check_feeds(item_specs, r.item, "item input");
+    for (const auto& hi : maximums) {  // as the Python runtime: an item axis names over a user one
+      auto it = items.find(hi.first);
+      int64_t found = it != items.end() ? it->second : bound.count(hi.first) ? bound[hi.first] : -1;
+      if (found > hi.second)
+        throw Error("the " + hi.first + " axis is " + std::to_string(found) + ", the model takes at most " +
+                    std::to_string(hi.second), 2);
+    }
     const Tensor& idx = r.user_index;
     if (idx.dtype != "int64" || idx.shape.size() != 1) throw Error("user_index must be an int64 vector [N]", 2);
     if (items.count("batch") && idx.shape[0] != items["batch"])

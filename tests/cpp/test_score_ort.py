@@ -327,6 +327,26 @@ def test_bad_requests_get_the_python_runtime_message(exe: Path, bundles: dict[st
             assert r.returncode == e.value.exit_code == 2
 
 
+def test_refuses_an_axis_past_the_programs_maximum(exe: Path, plain_copy: Path) -> None:
+    """A ``.pt2``'s ``Dim(max=)`` (manifest ``model.maximums``): a request past it gets the Python
+    runtime's refusal; one at it is scored."""
+    req = request_sequence(plain_copy)[0]
+    rows = int(req.user_index.size)
+    for limit, refused in ((rows - 1, True), (rows, False)):
+        edit_manifest(plain_copy, lambda d: d["model"].update(maximums={"batch": limit}))
+        r = _run(exe, plain_copy)
+        with Runtime.open(plain_copy) as rt:
+            if not refused:
+                rt.check(req)
+                assert r.returncode == 0 and r.stdout, r.stderr
+                continue
+            with pytest.raises(MixexportError) as e:
+                rt.check(req)
+        assert r.returncode == e.value.exit_code == 2 and r.stdout == ""
+        assert r.stderr.splitlines() == [f"error: {e.value.message}"] == [
+            f"error: the batch axis is {rows}, the model takes at most {rows - 1}"]
+
+
 def test_survives_manifest_fuzzing(exe: Path, bundles: dict[str, Path], tmp_path: Path) -> None:
     """Random structural mutations (mixexport.testing.manifest_fuzz) of a KV bundle's manifest, the richest
     one (cache spec, three segments): scores or one ``error:`` line, never a crash, hang or partial answer."""
