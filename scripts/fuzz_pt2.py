@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from mixexport.machine import provenance, write_result
-from mixexport.testing import pt2_fuzz
+from mixexport.testing import pt2_fuzz, pt2_mutations
 
 BOMBS = ("Zip bombs in a .pt2: the time and the peak RSS growth of `inspect`'s load in a fresh process, for bombs "
          "that declare their true size and bombs whose declared sizes lie.")
@@ -48,8 +48,8 @@ def _bombs(base: Path, work: Path) -> list[dict]:
     """A 2 GiB bomb (a ~2 MB file, as in issue 23) with its true size and with lying sizes, and a
     256 MiB one: peak RSS growth of each load in a fresh process."""
     cases = [("2GiB-true-size", 2 << 30, None), ("2GiB-declares-1MiB", 2 << 30, 1 << 20),
-             ("2GiB-declares-0", 2 << 30, 0), ("256MiB-true-size", pt2_fuzz.BOMB_BYTES, None)]
-    paths = [pt2_fuzz.zip_bomb(base, work / f"{name}.pt2", size, declared) for name, size, declared in cases]
+             ("2GiB-declares-0", 2 << 30, 0), ("256MiB-true-size", pt2_mutations.BOMB_BYTES, None)]
+    paths = [pt2_mutations.zip_bomb(base, work / f"{name}.pt2", size, declared) for name, size, declared in cases]
     rows = pt2_fuzz.peak_memory_of_loads(paths)
     for row, path in zip(rows, paths):
         row["file_bytes"] = path.stat().st_size

@@ -16,9 +16,9 @@ import torch
 
 from mixexport.errors import BadInputError
 from mixexport.source import load_source
-from mixexport.testing import pt2_fuzz
+from mixexport.testing import pt2_fuzz, pt2_mutations
 from mixexport.testing.payloads import PROTOCOLS, TECHNIQUES, code_pickle, legacy_stream, torch_zip
-from mixexport.testing.pt2_fuzz import Member, read_members, write_members
+from mixexport.testing.pt2_mutations import Member, read_members, write_members
 from tests.cli_helpers import run_cli
 
 
@@ -264,7 +264,7 @@ def test_zip_bombs_are_refused_before_inflating(base: Path, tmp_path: Path, mark
                                                 member: str) -> None:
     """A 64 MiB deflated member of zeros: with its true size (over the ratio cap) it is refused from
     the directory alone; with a smaller declared size only that many bytes are inflated."""
-    path = pt2_fuzz.zip_bomb(base, tmp_path / "bomb.pt2", 64 << 20, declared, member)
+    path = pt2_mutations.zip_bomb(base, tmp_path / "bomb.pt2", 64 << 20, declared, member)
     t = time.perf_counter()
     msg = _refused(path, marker)
     assert time.perf_counter() - t < 5
@@ -279,7 +279,7 @@ def test_zip_bombs_are_refused_before_inflating(base: Path, tmp_path: Path, mark
 def test_zip_bomb_peak_memory_is_bounded(base: Path, tmp_path: Path) -> None:
     """Measured in a fresh process with getrusage: a 256 MiB bomb (true and lying sizes) costs
     less than twice the file plus 8 MiB (the refusal comes before anything is inflated)."""
-    paths = [pt2_fuzz.zip_bomb(base, tmp_path / f"bomb{i}.pt2", pt2_fuzz.BOMB_BYTES, declared)
+    paths = [pt2_mutations.zip_bomb(base, tmp_path / f"bomb{i}.pt2", pt2_mutations.BOMB_BYTES, declared)
              for i, declared in enumerate((None, 1 << 20, 0))]
     for peak in pt2_fuzz.peak_memory_of_loads(paths):
         assert peak["result"].startswith("refused: "), peak
@@ -323,7 +323,7 @@ def test_broken_archives_are_one_line(base: Path, tmp_path: Path, marker: Path, 
 def test_legitimate_variants_still_load(base: Path, tmp_path: Path, case: str) -> None:
     """What torch writes, re-zipped with deflate, or with a weight stored as a pickle, still loads,
     with the same weights."""
-    mutator = pt2_fuzz.Mutator(read_members(base), tmp_path / "MARKER")
+    mutator = pt2_mutations.Mutator(read_members(base), tmp_path / "MARKER")
     if case == "recompressed":
         _, raw = mutator.mutate(0, 0, "recompress")
     elif case == "use-pickle-weight":
@@ -344,8 +344,8 @@ def test_legitimate_variants_still_load(base: Path, tmp_path: Path, case: str) -
 
 def test_fuzz_slice(base: Path, tmp_path: Path, marker: Path) -> None:
     """A CI-sized slice of scripts/fuzz_pt2.py: every mutation kind, no traceback, no code run."""
-    report = pt2_fuzz.fuzz(base, tmp_path, marker, mutations=len(pt2_fuzz.KINDS) * 4, seed=7,
-                           cli_every=50, kinds=pt2_fuzz.KINDS)
+    report = pt2_fuzz.fuzz(base, tmp_path, marker, mutations=len(pt2_mutations.KINDS) * 4, seed=7,
+                           cli_every=50, kinds=pt2_mutations.KINDS)
     assert not report.failures, report.failures[:3]
     counts = report.counts()
     assert counts.get("refused", 0) > 0 and counts.get("loaded", 0) > 0, counts
