@@ -49,7 +49,7 @@ class _ScaleActor:
     def __call__(self, pieces: Any) -> Any:
         import pyarrow as pa
 
-        from mixexport.scale.local import read_batches
+        from mixexport.scale.reader import read_batches
 
         out = []
         for path, groups in zip(pieces.column("path").to_pylist(), pieces.column("row_groups").to_pylist()):
