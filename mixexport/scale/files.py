@@ -5,8 +5,11 @@ file); and the rules for ``score --out``."""
 
 from __future__ import annotations
 
+import functools
 import glob
+import os
 from pathlib import Path
+from typing import Any
 
 from mixexport.errors import BadInputError
 from mixexport.scale.schema import Columns, check_schema
@@ -31,23 +34,35 @@ def expand(data: str) -> list[str]:
 
 
 def has_column(path: str, name: str) -> bool:
+    try:
+        return name in footer(path).schema.to_arrow_schema().names
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        return False  # check_files names the unreadable file
+
+
+def footer(path: str) -> Any:
+    """``path``'s Parquet footer (``pyarrow.parquet.FileMetaData``), read once per version of the
+    file: the driver checks every footer before scoring, and the ray engine then cuts the files
+    into pieces by their row groups (a data set of many files would read every footer twice)."""
+    st = os.stat(path)
+    return _footer(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _footer(path: str, _mtime_ns: int, _size: int) -> Any:
     import pyarrow.parquet as pq
 
-    try:
-        return name in pq.read_schema(path).names
-    except (OSError, ValueError):
-        return False  # check_files names the unreadable file
+    return pq.read_metadata(path)
 
 
 def check_files(files: list[str], specs: tuple[TensorSpec, ...], columns: Columns) -> int:
     """Check every file's footer; returns the total row count."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     total = 0
     for path in files:
         try:
-            meta = pq.read_metadata(path)
+            meta = footer(path)
             schema = meta.schema.to_arrow_schema()
         except (OSError, pa.ArrowException) as e:
             raise BadInputError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:200]})",

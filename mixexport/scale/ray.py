@@ -66,13 +66,15 @@ class _ScaleActor:
 def pieces(files: list[str], batch_rows: int) -> list[dict[str, Any]]:
     """Every file cut into runs of consecutive row groups of about ``batch_rows`` rows (a row group
     is never split): what one actor call reads. Files in order, pieces in file order."""
-    import pyarrow.parquet as pq
+    import pyarrow as pa
+
+    from mixexport.scale.files import footer
 
     out: list[dict[str, Any]] = []
     for path in files:
         try:
-            meta = pq.ParquetFile(path).metadata
-        except OSError as e:
+            meta = footer(path)
+        except (OSError, pa.ArrowException) as e:
             raise worker_error(e, path) from None
         groups: list[int] = []
         rows = 0

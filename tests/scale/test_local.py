@@ -120,3 +120,16 @@ def test_file_deleted_during_the_run(split_bundle: Path, eval_rows: dict[str, Pa
 
     with pytest.raises(BadInputError, match=f"{victim}: the file disappeared during the run"):
         verify_dataset(split_bundle, str(data), progress=progress)
+
+
+def test_a_footer_is_read_once_per_version_of_its_file(tmp_path: Path) -> None:
+    """The driver's footer reads are cached (checks, then the ray engine's pieces), keyed by the
+    file's mtime and size: a file rewritten between two runs is read again."""
+    from mixexport.scale.files import footer
+
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"x": np.arange(10)}), path, row_group_size=5)
+    first = footer(str(path))
+    assert footer(str(path)) is first and first.num_row_groups == 2
+    pq.write_table(pa.table({"x": np.arange(30)}), path, row_group_size=5)
+    assert footer(str(path)).num_rows == 30
