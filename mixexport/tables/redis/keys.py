@@ -109,6 +109,25 @@ def bucket_of(ids: np.ndarray, partitions: int, subs: int) -> np.ndarray:
     return ((h % p) * np.uint64(subs) + (h // p) % np.uint64(subs)).view(np.int64)
 
 
+#: tables of up to this many rows get every row's bucket computed once, when a store opens (a byte a
+#: row for up to 256 buckets, 16 MiB at most): a request then buckets its ids with one ``take``
+#: instead of :func:`bucket_of`'s eleven numpy calls (~10 µs of a 1×256 fetch's client CPU)
+BUCKET_TABLE_ROWS = 1 << 24
+
+
+def bucket_table(rows: int, partitions: int, subs: int) -> np.ndarray | None:
+    """Row ``i``'s bucket at ``[i]`` (uint8, or uint16 past 256 buckets) for a table of ``rows``
+    rows; None past :data:`BUCKET_TABLE_ROWS` rows or 65,536 buckets (:func:`bucket_of` then)."""
+    buckets = partitions * subs
+    if rows > BUCKET_TABLE_ROWS or buckets > 1 << 16:
+        return None
+    out = np.empty(rows, dtype=np.uint8 if buckets <= 1 << 8 else np.uint16)
+    step = 1 << 20
+    for at in range(0, rows, step):
+        out[at:at + step] = bucket_of(np.arange(at, min(at + step, rows), dtype=np.int64), partitions, subs)
+    return out
+
+
 def bucket_key(model: str, version: str, table: str, tag: str) -> bytes:
     return f"mx:{model}:{version[:16]}:{table}:{{{tag}}}".encode()
 

@@ -55,7 +55,9 @@ def test_the_row_cache_never_returns_a_wrong_row() -> None:
     assert cache.nbytes <= 64 * 1024
     for _ in range(300):
         ids = np.unique(rng.zipf(1.3, 80) % 5000).astype(np.int64)
-        hit, rows, slots = cache.lookup(ids)
+        miss, rows, slots = cache.lookup(ids)
+        hit = np.ones(ids.size, bool)
+        hit[miss] = False
         assert np.array_equal(rows[hit], table[ids[hit]])
         # ids that share a slot within one insert: one of them is kept, key and row together
         cache.insert(ids[~hit], table[ids[~hit]], slots[~hit])
@@ -64,8 +66,8 @@ def test_the_row_cache_never_returns_a_wrong_row() -> None:
         assert np.array_equal(cache.records[held, 8:], table[keys[held]])
     assert 0.3 < cache.hit_rate < 1
     off = RowCache(16, 0)
-    hit, rows, slots = off.lookup(np.arange(10))
-    assert not hit.any() and rows.shape == (10, 16) and off.records.shape == (0, 24)
+    miss, rows, slots = off.lookup(np.arange(10))
+    assert np.array_equal(miss, np.arange(10)) and rows.shape == (10, 16) and off.records.shape == (0, 24)
     off.insert(np.arange(10), table[:10], slots)
 
 
@@ -85,6 +87,11 @@ def test_the_lookup_paths_fast_forms_equal_the_rules() -> None:
         h = splitmix64(ids)
         rule = (h % np.uint64(partitions)) * np.uint64(subs) + (h // np.uint64(partitions)) % np.uint64(subs)
         assert np.array_equal(K.bucket_of(ids, partitions, subs), rule.astype(np.int64))
+    rows = (1 << 20) + 7  # the bucket table is computed a million rows at a time
+    table = K.bucket_table(rows, 7, 3)
+    assert table.dtype == np.uint8 and np.array_equal(table, K.bucket_of(np.arange(rows), 7, 3))
+    assert K.bucket_table(1000, 1024, 5).dtype == np.uint16
+    assert K.bucket_table(K.BUCKET_TABLE_ROWS + 1, 1, 12) is None and K.bucket_table(10, 1 << 16, 2) is None
     some = ids[::97]
     assert K.field_bulks(some).tobytes() == b"".join(b"$8\r\n" + int(i).to_bytes(8, "big", signed=True) + b"\r\n"
                                                      for i in some)
