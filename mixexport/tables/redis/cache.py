@@ -11,8 +11,8 @@ Why direct-mapped, and the key inside the record. Between two requests the netwo
 processes evict the cache's arrays from the CPU's caches, so what a lookup costs is the numpy calls
 (1–3 µs each on a few hundred ids, whatever their work) and the memory lines it touches. A lookup
 here is one gather of the request's records (key and row come in the same lines), one compare and
-the misses' positions; an insert is one scatter of whole records, so a key and its row can never disagree, even when two
-ids of one request share a slot. The 2-way set-associative LRU this replaced kept keys and stamps
+the misses' positions; an insert is one scatter of whole records, so a key and its row can never
+disagree, even when two ids of one request share a slot. The 2-way set-associative LRU this replaced kept keys and stamps
 apart from the rows and wrote stamps on every hit: on 1M rows with 5 % cached, it hit 69 % of a
 Zipf(1.1) workload's rows against 66 % here, and cost more client CPU than those 3 % saved on the
 nodes (docs/tables.md has the interleaved measurement).
